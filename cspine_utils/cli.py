@@ -1,0 +1,112 @@
+"""The ``cspine`` command line.
+
+    cspine data synth --out DIR --n N --seed S [--difficulty D]   generate a synthetic dataset
+    cspine data default [--profile P]                            the profile's default dataset
+    cspine data montage --out PNG                                figure of the phantom
+
+Errors are printed as one line naming the problem (exit code 1); usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import config
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from . import phantom  # noqa: PLC0415
+
+    cfg = phantom.SynthConfig(n=args.n, seed=args.seed, difficulty=args.difficulty,
+                              fracture_fraction=args.fracture_fraction,
+                              slices_per_subject=args.slices_per_subject,
+                              val_fraction=args.val_fraction, ct_model=args.ct_model)
+    return _generate(Path(args.out), cfg, args.workers, args.force, quiet=args.quiet)
+
+
+def _generate(out: Path, cfg, workers, force: bool, quiet: bool = False) -> int:
+    from . import phantom  # noqa: PLC0415
+
+    cfg.validate()
+    if not force and phantom.is_up_to_date(out, cfg):
+        print(f"synthetic dataset up to date: {out.resolve()} ({cfg.n} slices, seed {cfg.seed})")
+        return 0
+    t0 = time.perf_counter()
+    manifest = phantom.generate_dataset(out, cfg, workers=workers, progress=not quiet, force=True)
+    n_frac = int((manifest["label"] == "fracture").sum())
+    print(f"wrote {len(manifest)} slices ({n_frac} fracture, {len(manifest) - n_frac} normal, "
+          f"{manifest['subject_id'].nunique()} subjects) to {out.resolve()} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_default(args: argparse.Namespace) -> int:
+    from . import phantom  # noqa: PLC0415
+
+    prof = config.get_profile(args.profile)
+    out = config.synthetic_data_dir(prof)
+    return _generate(out, phantom.SynthConfig(n=prof.n_synthetic, seed=0), None, args.force, quiet=args.quiet)
+
+
+def _cmd_montage(args: argparse.Namespace) -> int:
+    from . import plots  # noqa: PLC0415
+
+    out = Path(args.out)
+    fig = plots.phantom_montage()
+    path = plots.save_figure(fig, out.name, folder=out.parent if str(out.parent) else ".")
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cspine", description="Cervical-spine CT fracture course tools (teaching only, not for diagnosis).")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="datasets: generate the synthetic CT phantom")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+
+    s = dsub.add_parser("synth", help="generate a synthetic dataset in the Kaggle layout")
+    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier synthetic dataset)")
+    s.add_argument("--n", type=int, required=True, help="number of slices (>= 1)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
+    s.add_argument("--difficulty", type=float, default=0.5, help="0 = obvious fractures ... 1 = hairline (default 0.5)")
+    s.add_argument("--fracture-fraction", type=float, default=0.3, help="share of fracture slices (default 0.3)")
+    s.add_argument("--slices-per-subject", type=int, default=5, help="adjacent levels per subject (default 5)")
+    s.add_argument("--val-fraction", type=float, default=0.2, help="share of subjects in val/ (default 0.2)")
+    s.add_argument("--ct-model", choices=["nps", "fbp"], default="nps", help="noise model: fast 'nps' or exact 'fbp'")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_synth)
+
+    df = dsub.add_parser("default", help="generate the default dataset of a profile (reused when up to date)")
+    df.add_argument("--profile", default=None, help="smoke | cpu | gpu (default: $CSPINE_PROFILE or cpu)")
+    df.add_argument("--force", action="store_true")
+    df.add_argument("--quiet", action="store_true")
+    df.set_defaults(func=_cmd_default)
+
+    m = dsub.add_parser("montage", help="write the phantom montage figure")
+    m.add_argument("--out", default=str(config.figures_dir() / "phantom_montage.png"))
+    m.set_defaults(func=_cmd_montage)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"cspine: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cspine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Profiles, paths and seeds shared by every notebook, test and command.
+
+A *profile* fixes how big a run is: the image size the models see, how many synthetic slices
+are generated, epochs, tuner trials and batch size. Three are defined:
+
+``smoke``
+    Tiny and fast; used by the tests and by ``CSPINE_PROFILE=smoke`` notebook runs.
+``cpu``
+    The default for ``make run`` on a laptop-class 2-core CPU.
+``gpu``
+    Full resolution (224 px, the VGG16 native size) and a full hyperparameter search.
+
+Paths resolve from environment variables so the same notebook runs in a test, for a student
+and on a GPU machine:
+
+``CSPINE_PROFILE``    profile name (default ``cpu``)
+``CSPINE_DATA_DIR``   the dataset to use (default: the generated synthetic set of the profile)
+``CSPINE_ARTIFACTS``  where models, splits and tuner state go (default ``<repo>/artifacts``)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Profile",
+    "PROFILES",
+    "get_profile",
+    "repo_root",
+    "data_dir",
+    "synthetic_data_dir",
+    "artifacts_dir",
+    "figures_dir",
+    "set_seed",
+]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How large a run is. All sizes in pixels, counts in images or epochs."""
+
+    name: str
+    image_size: int  # side of the square model input, pixels
+    n_synthetic: int  # slices in the generated default dataset
+    batch_size: int
+    epochs_cnn: int
+    epochs_head: int  # VGG phase 1: frozen base, train the head
+    epochs_finetune: int  # VGG phase 2: top block(s) unfrozen, low learning rate
+    tuner_trials: int
+    tuner_epochs: int
+    bootstrap_resamples: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke", image_size=64, n_synthetic=120, batch_size=16, epochs_cnn=2,
+        epochs_head=1, epochs_finetune=1, tuner_trials=2, tuner_epochs=1,
+        bootstrap_resamples=200,
+    ),
+    "cpu": Profile(
+        name="cpu", image_size=96, n_synthetic=1200, batch_size=32, epochs_cnn=15,
+        epochs_head=8, epochs_finetune=4, tuner_trials=6, tuner_epochs=6,
+        bootstrap_resamples=1000,
+    ),
+    "gpu": Profile(
+        name="gpu", image_size=224, n_synthetic=4000, batch_size=32, epochs_cnn=40,
+        epochs_head=15, epochs_finetune=15, tuner_trials=30, tuner_epochs=20,
+        bootstrap_resamples=2000,
+    ),
+}
+
+DEFAULT_PROFILE = "cpu"
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the named profile, or the one in ``CSPINE_PROFILE`` (default ``cpu``).
+
+    Raises
+    ------
+    ValueError
+        If the name is not one of :data:`PROFILES`.
+    """
+    chosen = (name or os.environ.get("CSPINE_PROFILE") or DEFAULT_PROFILE).strip().lower()
+    if chosen not in PROFILES:
+        raise ValueError(
+            f"unknown profile {chosen!r}; choose one of {', '.join(PROFILES)}"
+        )
+    return PROFILES[chosen]
+
+
+def repo_root() -> Path:
+    """The course repository (the folder holding ``pyproject.toml``).
+
+    The package is installed in editable mode by ``make``, so it sits inside the repository.
+    When it does not (a plain install), the current working directory is used.
+    """
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").is_file():
+        return here
+    return Path.cwd()
+
+
+def synthetic_data_dir(profile: str | Profile | None = None) -> Path:
+    """Where the generated synthetic dataset of a profile lives: ``<repo>/data/synthetic/<profile>``."""
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    return repo_root() / "data" / "synthetic" / prof.name
+
+
+def data_dir(profile: str | Profile | None = None) -> Path:
+    """The dataset to use: ``CSPINE_DATA_DIR`` if set, else the profile's synthetic dataset."""
+    env = os.environ.get("CSPINE_DATA_DIR", "").strip()
+    if env:
+        return Path(env).expanduser()
+    return synthetic_data_dir(profile)
+
+
+def artifacts_dir() -> Path:
+    """Where models, splits, tuner state and metrics go (``CSPINE_ARTIFACTS`` or ``<repo>/artifacts``)."""
+    env = os.environ.get("CSPINE_ARTIFACTS", "").strip()
+    return Path(env).expanduser() if env else repo_root() / "artifacts"
+
+
+def figures_dir() -> Path:
+    """Where figures for the rendered report are saved: ``<repo>/report/figures``."""
+    return repo_root() / "report" / "figures"
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and Keras (which seeds TensorFlow).
+
+    Keras is imported only here, so code that needs no deep learning never pays for it.
+    """
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    os.environ["PYTHONHASHSEED"] = str(int(seed))
+    import keras  # noqa: PLC0415 - deliberately lazy
+
+    keras.utils.set_random_seed(int(seed))
