@@ -556,7 +556,8 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         parts = _vertebra_sdf(u, v, g)
         bone_sd, gap = parts["bone"], None
     else:
-        plan = _fracture_plan(g, spec.fracture_type, spec.difficulty, rng)
+        # a separate stream, so a fracture slice equals its normal twin everywhere but the fracture
+        plan = _fracture_plan(g, spec.fracture_type, spec.difficulty, np.random.default_rng([spec.seed, 11]))
         _, bone_sd, gap, m, parts = _apply_fracture(u, v, g, plan, px)
         mask[crop] = ndimage.binary_dilation(m, iterations=1)
     sub_hu, sub_t = hu[crop], tissue[crop]
@@ -610,12 +611,14 @@ def nps_noise(shape: tuple[int, int], px: float, sd_hu: float, sigma_mm: float, 
               rng: np.random.Generator) -> np.ndarray:
     """Stationary FBP-like noise: white noise filtered to the power spectrum |f| · MTF(f)².
 
-    The ramp |f| is what filtered back-projection does to independent detector noise; the kernel's
-    MTF shapes it further. Scaled to standard deviation ``sd_hu``.
+    The ramp |f| is what filtered back-projection does to independent detector noise; the linear
+    interpolation of back-projection rolls it off towards the Nyquist frequency (its transfer is
+    sinc², partly refilled by aliasing: power ∝ sinc³ fits scikit-image's ``iradon``, see the
+    tests); the kernel's MTF shapes it further. Scaled to standard deviation ``sd_hu``.
     """
     n = shape[0]
     f = _freq_radius(n, px)
-    amp = np.sqrt(f) * kernel_mtf(n, px, sigma_mm, boost)
+    amp = np.sqrt(f) * np.sinc(f * px) ** 1.5 * kernel_mtf(n, px, sigma_mm, boost)
     noise = np.fft.irfft2(np.fft.rfft2(rng.standard_normal(shape)) * amp, s=shape)
     return noise * (sd_hu / (noise.std() + 1e-12))
 
@@ -750,6 +753,15 @@ def plan_dataset(cfg: SynthConfig) -> list[dict]:
         for i in idx[first:first + m]:
             rows[i]["label"] = "fracture"
             fractured += 1
+    # not enough subjects for the fraction: extend injuries to a neighbouring level
+    while fractured < target:
+        cand = [i for i, r in enumerate(rows) if "label" not in r and any(
+            rows[j].get("label") == "fracture" for j in (i - 1, i + 1)
+            if 0 <= j < len(rows) and rows[j]["subject_index"] == r["subject_index"])]
+        if not cand:
+            cand = [i for i, r in enumerate(rows) if "label" not in r]
+        rows[int(rng.choice(cand))]["label"] = "fracture"
+        fractured += 1
     val_subjects = set(rng.permutation(n_subjects)[: int(round(cfg.val_fraction * n_subjects))].tolist())
     for i, r in enumerate(rows):
         r.setdefault("label", "normal")

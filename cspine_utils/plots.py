@@ -20,7 +20,7 @@ def save_figure(fig, name: str, folder: str | Path | None = None, dpi: int = 110
     return path
 
 
-def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float = 90.0):
+def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float = 70.0):
     """Normal and fracture slices of the phantom at several difficulties, fracture masks outlined.
 
     Row 1 shows normal slices at several levels; each further row one difficulty, with the three
@@ -50,13 +50,14 @@ def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float 
             img, mask = res.image, res.mask
             if c > 0:  # zoom on the spine so the fracture can be judged at full resolution
                 half = int(crop_mm / 2 / res.pixel_mm)
-                ys, xs = np.nonzero(res.tissue >= phantom.TISSUE["cancellous"])
+                centre = mask if mask.any() else res.tissue == phantom.TISSUE["csf"]  # fracture, or the canal
+                ys, xs = np.nonzero(centre)
                 cy, cx = (int(np.median(ys)), int(np.median(xs))) if len(ys) else (img.shape[0] // 2,) * 2
                 sl = (slice(max(cy - half, 0), cy + half), slice(max(cx - half, 0), cx + half))
                 img, mask = img[sl], mask[sl]
             ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             if mask.any():
-                ax.contour(mask, levels=[0.5], colors="#ff3b30", linewidths=0.8)
+                ax.contour(mask, levels=[0.5], colors="#ff3b30", linewidths=0.7, alpha=0.8)
             label = "normal" if ftype == "none" else ftype
             ax.set_title(f"{level} · {label} · {res.image.shape[0]} px" + ("" if c == 0 else " (zoom)"), fontsize=9)
             ax.axis("off")
