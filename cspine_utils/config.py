@@ -16,6 +16,7 @@ and on a GPU machine:
 ``CSPINE_PROFILE``    profile name (default ``cpu``)
 ``CSPINE_DATA_DIR``   the dataset to use (default: the generated synthetic set of the profile)
 ``CSPINE_ARTIFACTS``  where models, splits and tuner state go (default ``<repo>/artifacts``)
+``CSPINE_REPORT_DIR`` the rendered report and its figures (default ``<repo>/report``)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "data_dir",
     "synthetic_data_dir",
     "artifacts_dir",
+    "report_dir",
     "figures_dir",
     "set_seed",
 ]
@@ -128,9 +130,15 @@ def artifacts_dir() -> Path:
     return Path(env).expanduser() if env else repo_root() / "artifacts"
 
 
+def report_dir() -> Path:
+    """The rendered course for readers (``CSPINE_REPORT_DIR`` or ``<repo>/report``)."""
+    env = os.environ.get("CSPINE_REPORT_DIR", "").strip()
+    return Path(env).expanduser() if env else repo_root() / "report"
+
+
 def figures_dir() -> Path:
-    """Where figures for the rendered report are saved: ``<repo>/report/figures``."""
-    return repo_root() / "report" / "figures"
+    """Where figures for the rendered report are saved: ``<report>/figures``."""
+    return report_dir() / "figures"
 
 
 def set_seed(seed: int) -> None:
@@ -143,6 +151,7 @@ def set_seed(seed: int) -> None:
     random.seed(int(seed))
     np.random.seed(int(seed))
     os.environ["PYTHONHASHSEED"] = str(int(seed))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of notebooks
     import keras  # noqa: PLC0415 - deliberately lazy
 
     keras.utils.set_random_seed(int(seed))

@@ -43,7 +43,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,7 @@ __all__ = [
     "plan_dataset",
     "generate_dataset",
     "generator_fingerprint",
+    "kaggle_like_dataset",
 ]
 
 GENERATOR_VERSION = "1.0"
@@ -908,3 +909,45 @@ def _write_all(tmp: Path, results, total: int, progress: bool, tqdm) -> list[dic
         records.append(rec)
     cols = ["file", "label", "split", "subject_id", "level", "fracture_type", "difficulty", "mask_file"]
     return [{**{c: r[c] for c in cols}, **{k: v for k, v in r.items() if k not in cols}} for r in records]
+
+
+def kaggle_like_dataset(out: str | os.PathLike, n_sources: int = 12, copies: int = 6, seed: int = 0,
+                        val_share: float = 0.3) -> Path:
+    """Write a small dataset with the *flaws* of the public Kaggle set, for teaching the audit.
+
+    Layout ``<out>/cervical fracture/{train,val}/{fracture,normal}/`` with Kaggle-style names
+    (``SYNF3 (2)-sharpened-rotated1.png``). Like the public set it is pre-augmented (each
+    source slice saved as a 512×512 grayscale original plus ``copies`` rotated/sharpened 224×224
+    RGB copies), its val folder shares source slices with train, and its classes differ by
+    anatomical level (fractures at C1-C2, normals at C5-C7) — so a model can separate them
+    without seeing any fracture. Returns the ``cervical fracture`` folder.
+    """
+    from PIL import ImageFilter  # noqa: PLC0415
+
+    if n_sources < 2 or copies < 1:
+        raise ValueError(f"need n_sources >= 2 and copies >= 1, got {n_sources}, {copies}")
+    root = Path(out).expanduser() / "cervical fracture"
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty; choose a new folder")
+    rng = np.random.default_rng([seed, 99])
+    for split in ("train", "val"):
+        for label in ("fracture", "normal"):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+    for k in range(n_sources):
+        label = "fracture" if k % 2 == 0 else "normal"
+        level = str(rng.choice(["C1", "C2"] if label == "fracture" else ["C5", "C6", "C7"]))
+        subject = replace(sample_subject(rng, f"K{k}"), matrix=512)
+        spec = SliceSpec(subject, level, str(rng.choice(FRACTURE_TYPES)) if label == "fracture" else "none",
+                         0.3, int(rng.integers(2**31)))
+        original = Image.fromarray(render_slice(spec).image)
+        stem = f"SYN{'F' if label == 'fracture' else 'N'}{k} ({int(rng.integers(1, 40))})"
+        original.save(root / "train" / label / f"{stem}.png")
+        for c in range(copies):
+            copy = original.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
+            kind = "sharpened-rotated" if c % 2 else "rotated"
+            if c % 2:
+                copy = copy.filter(ImageFilter.SHARPEN)
+            copy = copy.resize((224, 224), Image.Resampling.BILINEAR).convert("RGB")
+            split = "val" if rng.random() < val_share else "train"  # copies of one source in both folders
+            copy.save(root / split / label / f"{stem}-{kind}{c + 1}.png")
+    return root

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import config
 
-__all__ = ["save_figure", "phantom_montage"]
+__all__ = ["save_figure", "phantom_montage", "labelled_slice", "sample_grid", "class_mean_images", "intensity_histograms"]
 
 
 def save_figure(fig, name: str, folder: str | Path | None = None, dpi: int = 110) -> Path:
@@ -65,5 +65,144 @@ def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float 
                         va="center", ha="right", fontsize=11, weight="bold")
     fig.suptitle("Synthetic cervical-spine CT (bone window); red: fracture mask. Teaching data, not patients.",
                  fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def _plt():
+    import matplotlib  # noqa: PLC0415
+
+    if matplotlib.get_backend().lower() not in ("agg",) and "inline" not in matplotlib.get_backend().lower():
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+# Structures to point at in the labelled slice: tissue label, text, which component to pick.
+_ANATOMY_LABELS = (
+    ("cortical", "cortical bone"), ("cancellous", "cancellous bone (vertebral body)"),
+    ("cord", "spinal cord"), ("csf", "CSF in the canal"), ("airway", "airway (air)"),
+    ("muscle", "muscle"), ("fat", "subcutaneous fat"), ("vessel", "carotid / jugular vessels"),
+)
+
+
+def labelled_slice(level: str = "C5", seed: int = 3):
+    """One synthetic slice in the bone and soft-tissue windows, structures labelled with their HU.
+
+    The HU shown are medians of each structure's true (pre-noise) values. Returns the figure.
+    """
+    from scipy import ndimage  # noqa: PLC0415
+
+    from . import phantom  # noqa: PLC0415
+
+    plt = _plt()
+    rng = np.random.default_rng(seed)
+    subject = phantom.sample_subject(rng, "demo")
+    import dataclasses  # noqa: PLC0415
+
+    subject = dataclasses.replace(subject, matrix=512, fov_mm=170.0, rotation_deg=0.0, shift_mm=(0.0, 0.0))
+    res = phantom.render_slice(phantom.SliceSpec(subject, level, "none", 0.0, seed))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
+    for ax, (name, (w, lvl)) in zip(axes, (("bone window 2000/500", (2000, 500)), ("soft-tissue window 400/40", (400, 40)))):
+        ax.imshow(phantom.window_to_uint8(res.hu, w, lvl), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"synthetic {level}, {name}")
+        ax.axis("off")
+    ax = axes[0]
+    n = res.hu.shape[0]
+    for k, (tissue, text) in enumerate(_ANATOMY_LABELS):
+        region = res.tissue == phantom.TISSUE[tissue]
+        if not region.any():
+            continue
+        hu = float(np.median(res.hu_true[region]))
+        comps, count = ndimage.label(region)
+        largest = comps == (1 + int(np.argmax(ndimage.sum(region, comps, range(1, count + 1)))))
+        depth = ndimage.distance_transform_edt(largest)  # point at the deepest pixel of the structure
+        y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+        side = -1 if k % 2 == 0 else 1
+        tx = n * (0.5 + side * 0.47)
+        ty = n * (0.08 + 0.11 * k)
+        ax.annotate(f"{text}\n{hu:+.0f} HU", xy=(x, y), xytext=(tx, ty), color="yellow", fontsize=8,
+                    ha="left" if side < 0 else "right",
+                    arrowprops={"arrowstyle": "->", "color": "yellow", "lw": 0.8})
+    fig.suptitle("What an axial cervical CT slice shows (synthetic phantom; anterior at the top, "
+                 "patient's left on the image right)", fontsize=11, y=1.01)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid(manifest, n_per_class: int = 6, seed: int = 0, title: str = ""):
+    """A grid of random images per class (rows: classes) from a manifest with ``path`` and ``label``."""
+    from . import data  # noqa: PLC0415
+
+    plt = _plt()
+    classes = sorted(manifest["label"].unique())
+    fig, axes = plt.subplots(len(classes), n_per_class, figsize=(2.2 * n_per_class, 2.4 * len(classes)), squeeze=False)
+    for r, cls in enumerate(classes):
+        rows = manifest[manifest["label"] == cls]
+        pick = rows.sample(min(n_per_class, len(rows)), random_state=seed)
+        for c in range(n_per_class):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(pick):
+                row = pick.iloc[c]
+                ax.imshow(data.read_image(row["path"]), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(f"{cls}\n{Path(row['path']).name[:22]}", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def class_mean_images(manifest, size: int = 128, max_per_class: int = 300, seed: int = 0):
+    """Per-class mean image (resized to ``size``²) and their difference.
+
+    A visible structure in the difference image means the classes differ in coarse appearance
+    (level, position, scanner) — a shortcut a network can learn instead of the fracture.
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    from . import data  # noqa: PLC0415
+
+    plt = _plt()
+    means = {}
+    for cls, rows in manifest.groupby("label"):
+        rows = rows.sample(min(max_per_class, len(rows)), random_state=seed)
+        acc = np.zeros((size, size), np.float64)
+        for p in rows["path"]:
+            img = data.read_image(p)
+            acc += np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), np.float64)
+        means[cls] = acc / len(rows)
+    classes = sorted(means)
+    fig, axes = plt.subplots(1, len(classes) + 1, figsize=(4 * (len(classes) + 1), 4))
+    for ax, cls in zip(axes, classes):
+        ax.imshow(means[cls], cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"mean {cls} image")
+        ax.axis("off")
+    if len(classes) == 2:
+        diff = means[classes[0]] - means[classes[1]]
+        lim = max(float(np.abs(diff).max()), 1e-3)
+        im = axes[-1].imshow(diff, cmap="coolwarm", vmin=-lim, vmax=lim)
+        axes[-1].set_title(f"{classes[0]} − {classes[1]}")
+        fig.colorbar(im, ax=axes[-1], fraction=0.046)
+    axes[-1].axis("off")
+    fig.tight_layout()
+    return fig, means
+
+
+def intensity_histograms(manifest, max_per_class: int = 200, seed: int = 0):
+    """Pixel-intensity histograms per class (inside the body: pixels > 0.02), normalised."""
+    from . import data  # noqa: PLC0415
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for cls, rows in sorted(manifest.groupby("label")):
+        rows = rows.sample(min(max_per_class, len(rows)), random_state=seed)
+        values = np.concatenate([data.read_image(p)[::2, ::2].ravel() for p in rows["path"]])
+        ax.hist(values[values > 0.02], bins=100, range=(0, 1), density=True, histtype="step", lw=1.5, label=cls)
+    ax.set_xlabel("pixel value (bone window, 0 = −500 HU … 1 = +1500 HU for the phantom)")
+    ax.set_ylabel("density")
+    ax.set_yscale("log")
+    ax.legend()
     fig.tight_layout()
     return fig
