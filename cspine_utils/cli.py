@@ -3,6 +3,7 @@
     cspine data synth --out DIR --n N --seed S [--difficulty D]   generate a synthetic dataset
     cspine data default [--profile P]                            the profile's default dataset
     cspine data montage --out PNG                                figure of the phantom
+    cspine audit DATA_DIR [--json] [--seed S]                   dataset checks before training
 
 Errors are printed as one line naming the problem (exit code 1); usage errors exit with 2.
 """
@@ -63,6 +64,17 @@ def _cmd_montage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from . import audit  # noqa: PLC0415
+
+    report = audit.audit_dataset(Path(args.data_dir), seed=args.seed, max_files=args.max_files,
+                                 group_method=args.group_method)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cspine", description="Cervical-spine CT fracture course tools (teaching only, not for diagnosis).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = dsub.add_parser("montage", help="write the phantom montage figure")
     m.add_argument("--out", default=str(config.figures_dir() / "phantom_montage.png"))
     m.set_defaults(func=_cmd_montage)
+
+    a = sub.add_parser("audit", help="check a dataset before training: counts, duplicates, leakage, shortcuts")
+    a.add_argument("data_dir", help="dataset folder (Kaggle, synthetic, split/class folders) or labels CSV")
+    a.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    a.add_argument("--seed", type=int, default=0, help="seed of the image sample and the folds (default 0)")
+    a.add_argument("--max-files", type=int, default=None, help="images read for the shortcut model (default 4000)")
+    a.add_argument("--group-method", default="auto", help="auto | name | subject | hash | name+hash | file")
+    a.set_defaults(func=_cmd_audit)
     return p
 
 
