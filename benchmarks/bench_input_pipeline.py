@@ -40,7 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 from cspine_utils import cli, pipeline  # noqa: E402
 
-TARGET_RATIO = 5.0
+TARGET_RATIO = 5.0  # ours / ImageDataGenerator
 
 
 def _positive_int(text: str) -> int:
@@ -62,22 +62,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def consume(images, labels) -> int:
-    """The trivial consumer: touch the batch as a model would receive it; return its size."""
-    if images.shape[1:] != (IMAGE_SHAPE[0], IMAGE_SHAPE[1], 1) or images.shape[0] != labels.shape[0]:
+def consume(images, labels, image_size: int) -> int:
+    """The trivial consumer: check the batch as a model would receive it; return its size."""
+    if tuple(images.shape[1:]) != (image_size, image_size, 1) or images.shape[0] != labels.shape[0]:
         raise RuntimeError(f"unexpected batch shapes {images.shape}, {labels.shape}")
     return int(labels.shape[0])
 
 
-IMAGE_SHAPE = (96, 96)
-
-
-def time_epochs(batches_of_epoch, epochs: int) -> list[tuple[int, float]]:
-    """Run ``epochs`` epochs; return ``(images, seconds)`` of each."""
+def time_epochs(batches_of_epoch, epochs: int, image_size: int) -> list[tuple[int, float]]:
+    """Run ``epochs`` epochs of ``batches_of_epoch()``; return ``(images, seconds)`` of each."""
     out = []
     for _ in range(epochs):
         t0 = time.perf_counter()
-        n = sum(consume(x, y) for x, y in batches_of_epoch())
+        n = sum(consume(x, y, image_size) for x, y in batches_of_epoch())
         out.append((n, time.perf_counter() - t0))
     return out
 
@@ -88,9 +85,8 @@ def rate(runs: list[tuple[int, float]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global IMAGE_SHAPE
     args = parse_args(argv)
-    IMAGE_SHAPE = (args.image_size, args.image_size)
+    size = args.image_size
     try:
         from tf_keras.preprocessing.image import ImageDataGenerator  # noqa: PLC0415
     except ImportError:
@@ -122,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             zoom_range=0.08, brightness_range=(0.95, 1.05), horizontal_flip=True,
             fill_mode="constant", cval=0.0)
         iterator = generator.flow_from_directory(
-            str(folder), target_size=IMAGE_SHAPE, color_mode="grayscale",
+            str(folder), target_size=(size, size), color_mode="grayscale",
             classes=list(pipeline.CLASS_NAMES), class_mode="binary", batch_size=args.batch_size,
             shuffle=True, seed=args.seed, interpolation="bilinear")
         setup_idg = time.perf_counter() - t0
@@ -134,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(len(iterator)):
                 yield next(iterator)
 
-        runs_idg = time_epochs(idg_epoch, args.epochs)
+        runs_idg = time_epochs(idg_epoch, args.epochs, size)
 
         # -- ours: the same files, through make_dataset ----------------------------------------
         import pandas as pd  # noqa: PLC0415
@@ -144,33 +140,43 @@ def main(argv: list[str] | None = None) -> int:
             "label": [pipeline.CLASS_NAMES[c] for c in iterator.classes],
         })
         t0 = time.perf_counter()
-        dataset = pipeline.make_dataset(manifest, args.image_size, args.batch_size, training=True,
+        dataset = pipeline.make_dataset(manifest, size, args.batch_size, training=True,
                                         augment_strength=1.0, cache=True, seed=args.seed)
         setup_ours = time.perf_counter() - t0
-        runs_ours = time_epochs(lambda: iter(dataset), args.epochs)
+        runs_ours = time_epochs(lambda: iter(dataset), args.epochs, size)
 
     # -- report ----------------------------------------------------------------------------------
     e = args.epochs
-    print(f"{iterator.samples} images ({root.name}/train), {args.image_size}x{args.image_size} grayscale, "
-          f"batch {args.batch_size}, {e} epoch(s), {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}")
+    print(f"{iterator.samples} images ({root.name}/train), {size}x{size} grayscale, batch {args.batch_size}, "
+          f"{e} epoch(s), {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}")
     print(f"setup, not timed: ImageDataGenerator {setup_idg:.2f} s, ours {setup_ours:.2f} s "
           "(build the tf.data graph, trace the functions)")
-    print(f"{'epoch':>5}  {'ImageDataGenerator':>18}  {'ours':>9}  {'ratio':>6}")
+    print(f"{'epoch':>5}  {'ImageDataGenerator':>18}  {'ours':>11}  {'ratio':>6}")
     for i, ((n_a, t_a), (n_b, t_b)) in enumerate(zip(runs_idg, runs_ours), start=1):
         note = "  (ours decodes and fills the cache)" if i == 1 else ""
-        print(f"{i:>5}  {n_a / t_a:>12.0f} img/s  {n_b / t_b:>9.0f}  {(n_b / t_b) / (n_a / t_a):>5.1f}x{note}")
+        print(f"{i:>5}  {n_a / t_a:>12.0f} img/s  {n_b / t_b:>5.0f} img/s  {(n_b / t_b) / (n_a / t_a):>5.1f}x{note}")
     first_idg, first_ours = rate(runs_idg[:1]), rate(runs_ours[:1])
-    print(f"first epoch:  ImageDataGenerator {first_idg:.0f} img/s, ours {first_ours:.0f} img/s "
+    print(f"first epoch: ImageDataGenerator {first_idg:.0f} img/s, ours {first_ours:.0f} img/s "
           f"({first_ours / first_idg:.1f}x)")
+    steady = None
     if e > 1:
         steady_idg, steady_ours = rate(runs_idg[1:]), rate(runs_ours[1:])
+        steady = steady_ours / steady_idg
         print(f"steady state (epochs 2-{e}): ImageDataGenerator {steady_idg:.0f} img/s, "
-              f"ours {steady_ours:.0f} img/s ({steady_ours / steady_idg:.1f}x)")
+              f"ours {steady_ours:.0f} img/s ({steady:.1f}x)")
     all_idg, all_ours = rate(runs_idg), rate(runs_ours)
     ratio = all_ours / all_idg
     print(f"all {e} epoch(s): ImageDataGenerator {all_idg:.0f} img/s, ours {all_ours:.0f} img/s")
     print(f"ratio (ours / ImageDataGenerator): {ratio:.1f}x")
-    print(f"target >= {TARGET_RATIO:.0f}x over all epochs: {'met' if ratio >= TARGET_RATIO else 'NOT met'}")
+
+    def verdict(value: float) -> str:
+        return f"{value:.1f}x {'met' if value >= TARGET_RATIO else 'NOT met'}"
+
+    print(f"target >= {TARGET_RATIO:.0f}x: over all {e} epoch(s) {verdict(ratio)}"
+          + (f"; steady state {verdict(steady)}" if steady is not None else ""))
+    if ratio < TARGET_RATIO:
+        print("  (the first epoch decodes every file with the same PIL reader as ImageDataGenerator, "
+              "so the overall ratio grows with the number of epochs)")
     return 0
 
 

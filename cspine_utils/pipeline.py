@@ -315,10 +315,10 @@ def _random_affine_class() -> type:
     class RandomAffine(keras.layers.Layer):
         """Random rotation, translation, zoom and left-right flip as **one** affine warp.
 
-        Keras' ``RandomRotation``, ``RandomTranslation``, ``RandomZoom`` and ``RandomFlip``
-        each resample the image; chained, that is four interpolations - four times the compute
-        and a visible blur of thin structures such as a hairline fracture. This layer draws
-        the four parameters per image, composes them into a single matrix and resamples once
+        Keras' ``RandomRotation``, ``RandomTranslation`` and ``RandomZoom`` each resample the
+        image; chained, that is three interpolations - three times the compute and a visible
+        blur of thin structures such as a hairline fracture. This layer draws rotation, shift,
+        zoom and flip per image, composes them into a single matrix and resamples once
         (``keras.ops.image.affine_transform``, bilinear, black fill). Flips are left-right
         only: anterior and posterior are never swapped.
 
@@ -439,9 +439,9 @@ def augmentation_layers(strength: float = 1.0, seed: int | None = None) -> "kera
     process) are not interchangeable, while the neck is close to left-right symmetric. The
     geometric part is a single warp (:class:`RandomAffine`, black fill = air) rather than
     Keras' ``RandomRotation`` + ``RandomTranslation`` + ``RandomZoom`` + ``RandomFlip``: one
-    interpolation instead of four, so thin fracture lines stay sharp and it runs ~3x faster.
-    All ranges scale linearly with ``strength``; ``strength=0`` gives an identity model (no
-    flip either). Output values stay in [0, 1].
+    interpolation instead of three, so thin fracture lines stay sharp and it runs ~3x faster.
+    All ranges scale linearly with ``strength`` (the flip stays at probability 0.5 for any
+    ``strength > 0``); ``strength=0`` gives an identity model. Output values stay in [0, 1].
 
     The layers are random only when called with ``training=True`` (``model.fit`` does this;
     :func:`make_dataset` calls them so). Use them in a ``tf.data`` map (TensorFlow backend) or
@@ -553,8 +553,11 @@ def make_dataset(
     6. **prefetch**.
 
     With ``training=False`` the dataset is deterministic and in manifest order. With the same
-    ``seed``, the shuffle order is reproducible; the augmentation draws are seeded too, but
-    TensorFlow does not guarantee bit-identical random augmentations across runs.
+    ``seed`` the shuffle order (and so the labels of every batch) is reproducible. The
+    augmentation is seeded too, but its batches are augmented in parallel, so which random
+    draw meets which batch can vary from run to run; for bit-identical batches call
+    ``tf.config.experimental.enable_op_determinism()`` first (tf.data then runs that step
+    serially, ~25 % slower).
 
     Parameters
     ----------
@@ -601,7 +604,10 @@ def make_dataset(
     image_size, batch_size, seed = int(image_size), int(batch_size), int(seed)
     paths, labels = _manifest_paths_labels(manifest)
     do_shuffle = bool(training) if shuffle is None else bool(shuffle)
-    do_augment = bool(training) and float(augment_strength) > 0.0
+    augment_strength = float(augment_strength)
+    if not np.isfinite(augment_strength) or not 0.0 <= augment_strength <= 2.0:
+        raise ValueError(f"augment_strength must be in [0, 2], got {augment_strength!r}")
+    do_augment = bool(training) and augment_strength > 0.0
     augment = augmentation_layers(augment_strength, seed=seed) if do_augment else None
 
     def _load(path: bytes) -> np.ndarray:

