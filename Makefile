@@ -1,7 +1,7 @@
 # Cervical-spine CT fracture course: one-command set-up, run and test.
-#   make run    generate the default synthetic dataset (later: execute the notebooks, render the report)
+#   make run    generate the default synthetic dataset, execute notebooks 01-06, render report/
 #   make test   run every test (creates .venv and installs everything on first use)
-# Variables: PROFILE=smoke|cpu|gpu  DATA_DIR=path  PYTHON=python3
+# Variables: PROFILE=smoke|cpu|gpu  DATA_DIR=path  PYTHON=python3  RUN_ARGS="--from 04"
 
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -10,6 +10,7 @@ DATA_DIR ?=
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 PYTEST_ARGS ?=
+RUN_ARGS ?=
 
 export CSPINE_PROFILE := $(PROFILE)
 ifneq ($(strip $(DATA_DIR)),)
@@ -36,7 +37,7 @@ data: $(STAMP)
 	$(VENV)/bin/cspine data montage --out report/figures/phantom_montage.png
 
 run: data
-	@echo "Notebooks 01-06 will be executed here once they exist (see README, course map)."
+	$(VENV)/bin/cspine run --profile $(PROFILE) $(if $(strip $(DATA_DIR)),--data-dir "$(DATA_DIR)") $(RUN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

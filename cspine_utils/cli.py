@@ -3,7 +3,10 @@
     cspine data synth --out DIR --n N --seed S [--difficulty D]   generate a synthetic dataset
     cspine data default [--profile P]                            the profile's default dataset
     cspine data montage --out PNG                                figure of the phantom
+    cspine run [--profile P] [--data-dir D] [--only 03,04] [--from 04]   the whole course + report
     cspine audit DATA_DIR [--json] [--seed S]                   dataset checks before training
+    cspine predict PATH... [--model DIR] [--threshold T] [--json] [--gradcam OUT_DIR]
+                                                                fracture probabilities (teaching only)
 
 Errors are printed as one line naming the problem (exit code 1); usage errors exit with 2.
 """
@@ -75,6 +78,68 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import report  # noqa: PLC0415
+
+    try:
+        runs = report.run_course(args.profile, args.data_dir, only=args.only, start_from=args.start_from,
+                                 render=not args.no_render)
+    except report.NotebookFailed as exc:
+        print(f"cspine: error: {exc}", file=sys.stderr)
+        return 1
+    total = sum(r.seconds for r in runs)
+    print(f"ran {len(runs)} notebooks in {total / 60:.1f} min")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """``cspine predict``: 0 = every file predicted, 1 = some failed, 2 = usage error."""
+    import json  # noqa: PLC0415
+
+    from . import predict  # noqa: PLC0415
+
+    print(f"cspine predict: note: {predict.NOT_FOR_DIAGNOSIS}", file=sys.stderr)
+    if not args.paths:
+        print("cspine predict: error: give at least one image file, folder or glob pattern "
+              "(e.g. cspine predict scans/ 'more/*.png')", file=sys.stderr)
+        return 2
+    try:
+        threshold = predict.check_threshold(args.threshold)
+    except ValueError as exc:
+        print(f"cspine predict: error: {exc}", file=sys.stderr)
+        return 2
+    bundle_dir = Path(args.model) if args.model else predict.default_bundle_dir()
+    if bundle_dir is None:
+        print(f"cspine predict: error: {predict.no_model_message()}", file=sys.stderr)
+        return 2
+    from . import models  # noqa: PLC0415
+
+    try:
+        bundle = models.load_bundle(bundle_dir)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        print(f"cspine predict: error: cannot use the model bundle {bundle_dir}: {exc}",
+              file=sys.stderr)
+        return 2
+    results = predict.predict_paths(args.paths, bundle, threshold=threshold,
+                                    gradcam_dir=args.gradcam)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            if r.ok:
+                extra = f"  Grad-CAM: {r.gradcam_file}" if r.gradcam_file else ""
+                extra += f"  ({r.gradcam_error})" if r.gradcam_error else ""
+                print(f"{r.file}\t{r.probability:.4f}\t{r.label}{extra}")
+            else:
+                print(f"{r.file}\terror: {r.error}")
+    failed = sum(not r.ok for r in results)
+    thr = results[0].threshold if results else bundle.threshold
+    print(f"cspine predict: {len(results) - failed} of {len(results)} file(s) predicted with "
+          f"{bundle.path} (threshold {thr:.3f})"
+          + (f"; {failed} could not be used" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cspine", description="Cervical-spine CT fracture course tools (teaching only, not for diagnosis).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-files", type=int, default=None, help="images read for the shortcut model (default 4000)")
     a.add_argument("--group-method", default="auto", help="auto | name | subject | hash | name+hash | file")
     a.set_defaults(func=_cmd_audit)
+
+    r = sub.add_parser("run", help="execute the course notebooks in order (papermill) and render the report")
+    r.add_argument("--profile", default=None, help="smoke | cpu | gpu (default: $CSPINE_PROFILE or cpu)")
+    r.add_argument("--data-dir", default=None, help="dataset folder (default: the profile's synthetic dataset)")
+    r.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 03,04")
+    r.add_argument("--from", dest="start_from", default=None, help="resume from this notebook, e.g. 04")
+    r.add_argument("--no-render", action="store_true", help="execute only; do not render the report")
+    r.set_defaults(func=_cmd_run)
+
+    pr = sub.add_parser("predict", help="fracture probability of image files, folders or globs (teaching only, not for diagnosis)")
+    pr.add_argument("paths", nargs="*", metavar="PATH", help="PNG, JPEG, BMP, TIFF or DICOM files, folders (searched recursively) or glob patterns")
+    pr.add_argument("--model", default=None, metavar="BUNDLE_DIR", help="model bundle folder (default: the best under artifacts/models/: vgg16, then cnn)")
+    pr.add_argument("--threshold", type=float, default=None, help="decision threshold in [0, 1] (default: the bundle's)")
+    pr.add_argument("--json", action="store_true", help="print a JSON list of {file, probability, label, error}")
+    pr.add_argument("--gradcam", default=None, metavar="OUT_DIR", help="also write a Grad-CAM overlay PNG per file into OUT_DIR")
+    pr.set_defaults(func=_cmd_predict)
     return p
 
 

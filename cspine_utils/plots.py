@@ -8,7 +8,8 @@ import numpy as np
 
 from . import config
 
-__all__ = ["save_figure", "phantom_montage", "labelled_slice", "sample_grid", "class_mean_images", "intensity_histograms"]
+__all__ = ["save_figure", "phantom_montage", "labelled_slice", "sample_grid", "class_mean_images",
+           "intensity_histograms", "learning_curves", "model_diagram"]
 
 
 def save_figure(fig, name: str, folder: str | Path | None = None, dpi: int = 110) -> Path:
@@ -204,5 +205,60 @@ def intensity_histograms(manifest, max_per_class: int = 200, seed: int = 0):
     ax.set_ylabel("density")
     ax.set_yscale("log")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: dict, title: str = "", phase_boundary: int | None = None):
+    """Training vs validation curves of a Keras history dict: loss, accuracy and AUC per epoch.
+
+    ``phase_boundary`` (epoch index) draws a line where fine-tuning started (two-phase training).
+    """
+    plt = _plt()
+    metrics = [m for m in ("loss", "accuracy", "auc") if m in history]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        epochs = np.arange(1, len(history[m]) + 1)
+        ax.plot(epochs, history[m], "o-", ms=3, label="training")
+        if f"val_{m}" in history:
+            ax.plot(epochs, history[f"val_{m}"], "o-", ms=3, label="validation")
+        if phase_boundary:
+            ax.axvline(phase_boundary + 0.5, color="grey", ls="--", lw=1)
+            ax.text(phase_boundary + 0.6, ax.get_ylim()[1], "fine-tuning", va="top", fontsize=8, color="grey")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"model {m}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def model_diagram(model, max_layers: int = 40):
+    """A simple top-to-bottom diagram of a Keras model: one box per layer with its output shape.
+
+    (``keras.utils.plot_model`` needs Graphviz, which a student's machine may not have.)
+    """
+    plt = _plt()
+    layers = [layer for layer in model.layers][:max_layers]
+    fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(layers) + 0.6))
+    colours = {"Conv2D": "#8ecae6", "BatchNormalization": "#ffb703", "Activation": "#fb8500",
+               "ReLU": "#fb8500", "MaxPooling2D": "#90be6d", "GlobalAveragePooling2D": "#90be6d",
+               "Dropout": "#cdb4db", "Dense": "#f28482", "InputLayer": "#dddddd"}
+    for i, layer in enumerate(layers):
+        kind = type(layer).__name__
+        try:
+            shape = tuple(layer.output.shape[1:])
+        except (AttributeError, ValueError):
+            shape = ()
+        y = len(layers) - i
+        ax.add_patch(plt.Rectangle((0, y - 0.4), 1, 0.8, color=colours.get(kind, "#eeeeee"), ec="black", lw=0.5))
+        ax.text(0.03, y, f"{layer.name}  ({kind})", va="center", fontsize=8)
+        ax.text(0.97, y, "×".join(str(s) for s in shape), va="center", ha="right", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0.3, len(layers) + 0.7)
+    ax.axis("off")
+    ax.set_title(f"{model.name}: {model.count_params():,} parameters", fontsize=10)
     fig.tight_layout()
     return fig

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
-from pathlib import Path
 
 import h5py
 import keras
@@ -15,6 +13,9 @@ import tensorflow as tf
 from PIL import Image
 
 from cspine_utils import config, models, pipeline
+
+# TensorFlow tensors meet NumPy 2's copy keyword inside Keras: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 UNREACHABLE = "http://127.0.0.1:9/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -120,8 +121,9 @@ def test_weights_from_file_load_into_any_image_size(tmp_path):
     model, info = models.build_vgg16_classifier(48, weights=path)
     assert info.source == "file" and info.path == str(path) and info.pretrained
     for name in ("block1_conv1", "block5_conv3"):
-        for got, want in zip(model.get_layer(name).get_weights(), base.get_layer(name).get_weights()):
-            np.testing.assert_array_equal(got, want)
+        got, want = model.get_layer(name).get_weights(), base.get_layer(name).get_weights()
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
 
 
 def test_weights_file_errors(tmp_path):
@@ -129,7 +131,7 @@ def test_weights_file_errors(tmp_path):
                               keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
     path = tmp_path / "small_cnn.weights.h5"
     wrong.save_weights(str(path))
-    with pytest.raises(ValueError, match="small_cnn.weights.h5 does not hold the weights of a VGG16"):
+    with pytest.raises(ValueError, match="small_cnn.weights.h5 does not hold the weights of a VGG"):
         models.build_vgg16_classifier(32, weights=path)
     with pytest.raises(FileNotFoundError, match="missing.h5"):
         models.resolve_vgg16_weights(tmp_path / "missing.h5")
@@ -255,7 +257,8 @@ def test_standard_callbacks_and_optimizers(tmp_path):
     cbs = models.standard_callbacks(tmp_path / "run", patience=4)
     kinds = {type(c).__name__: c for c in cbs}
     assert set(kinds) == {"EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint", "CSVLogger"}
-    assert kinds["EarlyStopping"].monitor == "val_auc" and kinds["EarlyStopping"].restore_best_weights
+    stopper = kinds["EarlyStopping"]
+    assert stopper.monitor == "val_auc" and stopper.restore_best_weights
     assert kinds["ModelCheckpoint"].mode == "max"
     assert len(models.standard_callbacks(None)) == 2
     assert isinstance(models.make_optimizer("rmsprop", 1e-4), keras.optimizers.RMSprop)
@@ -300,7 +303,8 @@ def test_manifest_fingerprint():
     changed = m.assign(label=["fracture", "fracture"])
     assert models.manifest_fingerprint(changed) != fp
     moved = m.assign(path=["/e/a.png", "/e/b.png"])
-    assert models.manifest_fingerprint(moved, root="/e") == models.manifest_fingerprint(m, root="/d")
+    fp_moved = models.manifest_fingerprint(moved, root="/e")
+    assert fp_moved == models.manifest_fingerprint(m, root="/d")
     with pytest.raises(ValueError, match="'label'"):
         models.manifest_fingerprint(m.drop(columns="label"))
 
@@ -328,7 +332,8 @@ def test_bundle_round_trip_and_fields(tmp_path, small_cnn):
         assert key in record, key
     assert set(record["versions"]) >= {"tensorflow", "keras", "numpy", "cspine_utils"}
     assert record["val_metrics"] == {"auc": pytest.approx(0.9), "n": 8}
-    assert record["model_sha256"] == hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest()
+    digest = hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest()
+    assert record["model_sha256"] == digest
 
     bundle = models.load_bundle(folder)
     assert bundle.image_size == 32 and bundle.threshold == 0.42
@@ -390,8 +395,8 @@ def test_vgg_bundle_loads_in_safe_mode(tmp_path):
     reloaded = keras.saving.load_model(str(folder / "model.keras"), safe_mode=True)
     x, _ = toy_images(3)
     bundle = models.load_bundle(folder)
-    np.testing.assert_allclose(bundle.predict_proba(x), np.asarray(model.predict(x, verbose=0)).ravel(),
-                               atol=1e-6)
+    expected = np.asarray(model.predict(x, verbose=0)).ravel()
+    np.testing.assert_allclose(bundle.predict_proba(x), expected, atol=1e-6)
     keras.Model(reloaded.input, [reloaded.get_layer("block5_conv3").output, reloaded.output])
 
 
