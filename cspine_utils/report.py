@@ -297,18 +297,17 @@ def render_report(report_dir: str | os.PathLike | None = None, notebooks_dir: st
     return report / "index.html"
 
 
-def _metrics_rows(facts: dict) -> list[list[str]]:
-    metrics = facts.get("metrics") or {}
-    rows = []
-    for model, m in (metrics.get("models") or {}).items():
-        rows.append([model, str(m.get("weights", facts["bundles"].get(model, {}).get("weights", ""))),
-                     str(m.get("auc", "")), str(m.get("sensitivity_youden", "")), str(m.get("specificity_youden", "")),
-                     str(m.get("sensitivity_sens95", "")), str(m.get("specificity_sens95", ""))])
-    return rows
+_METRIC_COLUMNS = ("model", "weights", "n", "ROC AUC [95% CI]", "PR AUC [95% CI]", "sensitivity (youden)",
+                   "specificity (youden)", "sensitivity (sens95)", "specificity (sens95)")
 
 
-_METRIC_HEADER = ["model", "weights", "AUC [95% CI]", "sensitivity (Youden)", "specificity (Youden)",
-                  "sensitivity (sens ≥ 0.95 point)", "specificity (sens ≥ 0.95 point)"]
+def _metrics_table(facts: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the combined metrics table written by notebook 05 (``table`` records)."""
+    records = (facts.get("metrics") or {}).get("table") or []
+    if not records:
+        return [], []
+    header = [c for c in _METRIC_COLUMNS if c in records[0]]
+    return header, [[str(r.get(c, "")) for c in header] for r in records]
 
 
 def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
@@ -321,10 +320,13 @@ def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
         secs = f"{nb['seconds']:.0f} s" if nb["seconds"] is not None else "not run"
         lines.append(f"| [{nb['name']}]({nb['html']}) | {secs} |")
     lines += ["", f"Total: {facts['total_seconds']:.0f} s", ""]
-    rows = _metrics_rows(facts)
+    header, rows = _metrics_table(facts)
     if rows:
-        lines += ["## Test-set metrics (95 % CIs by grouped bootstrap)", "", "| " + " | ".join(_METRIC_HEADER) + " |",
-                  "|" + "---|" * len(_METRIC_HEADER)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+        lines += ["## Test-set metrics (95 % CIs by grouped bootstrap)", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+        paired = (facts.get("metrics") or {}).get("paired_test")
+        if paired:
+            lines += [f"Paired bootstrap test of the AUC difference: {paired}", ""]
     if facts["bundles"]:
         lines += ["## Models and weights", ""] + [f"- **{k}**: {v['weights']}; threshold {v['threshold']}, "
                                                    f"{v['image_size']} px" for k, v in facts["bundles"].items()] + [""]
@@ -345,12 +347,14 @@ def _html(facts: dict, figures: list[tuple[str, str]]) -> str:
     rows = "".join(f"<tr><td><a href='{e(nb['html'])}'>{e(nb['name'])}</a></td><td>"
                    f"{'%.0f s' % nb['seconds'] if nb['seconds'] is not None else 'not run'}</td></tr>"
                    for nb in facts["notebooks"])
-    metric_rows = _metrics_rows(facts)
+    header, metric_rows = _metrics_table(facts)
     metrics = ""
     if metric_rows:
+        paired = (facts.get("metrics") or {}).get("paired_test")
         metrics = ("<h2>Test-set metrics (95 % CIs by grouped bootstrap)</h2><table><tr>"
-                   + "".join(f"<th>{e(h)}</th>" for h in _METRIC_HEADER) + "</tr>"
-                   + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in metric_rows) + "</table>")
+                   + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+                   + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in metric_rows) + "</table>"
+                   + (f"<p>Paired bootstrap test of the AUC difference: {e(str(paired))}</p>" if paired else ""))
     bundles = "".join(f"<li><b>{e(k)}</b>: {e(str(v['weights']))}; threshold {e(str(v['threshold']))}, "
                       f"{e(str(v['image_size']))} px</li>" for k, v in facts["bundles"].items())
     audit = facts.get("audit") or {}
