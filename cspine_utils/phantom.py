@@ -352,7 +352,11 @@ def _fracture_plan(g: dict, ftype: str, difficulty: float, rng: np.random.Genera
         angles = np.sort((base + np.arange(k) * 360.0 / k + rng.uniform(-20, 20, k)) % 360)
         plan.update(center=c, ray_angles=angles.tolist(), retropulsion=1.0 + 2.0 * (1 - d))
     elif ftype in ("posterior", "linear", "burst"):
-        # posterior elements (or, at C1, the ring): break bars at 1-4 places
+        # posterior elements (or, at C1, the ring): break bars at 1-4 places. The bars are only
+        # 3-5 mm thick, so a break shows as a gap *and* a step: wider gap, larger displacement
+        # than in the body (at difficulty 1 both still shrink to a hairline).
+        plan["width"] *= 1.4
+        plan["disp"] *= 1.6
         n_breaks = {"posterior": 1, "linear": 1, "burst": int(rng.integers(2, 5))}[ftype]
         sites = _break_sites(g, ftype, n_breaks, rng)
         for (px, py, bar_angle) in sites:
@@ -384,7 +388,7 @@ def _break_sites(g: dict, ftype: str, n: int, rng) -> list[tuple[float, float, f
     sites = []
     for _ in range(n):
         sgn = float(rng.choice([-1.0, 1.0]))
-        a0, a1 = (lam0, lam1) if rng.random() < 0.6 else (ped0, ped1)
+        a0, a1 = (lam0, lam1) if rng.random() < 0.75 else (ped0, ped1)
         t = float(rng.uniform(0.35, 0.65))
         x, y = a0[0] + t * (a1[0] - a0[0]), a0[1] + t * (a1[1] - a0[1])
         ang = float(np.degrees(np.arctan2(a1[1] - a0[1], (a1[0] - a0[0]))))
