@@ -39,11 +39,24 @@ data: $(STAMP)
 run: data
 	$(VENV)/bin/cspine run --profile $(PROFILE) $(if $(strip $(DATA_DIR)),--data-dir "$(DATA_DIR)") $(RUN_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+
+# The upload-and-predict app of notebook 06 as a web page (Voila), on this computer only.
+.PHONY: gui browser
+gui: $(STAMP)
+	@echo "serving notebooks/06_predict_gui.ipynb on http://127.0.0.1:8866 (Ctrl-C stops it)"
+	$(VENV)/bin/voila notebooks/06_predict_gui.ipynb --no-browser --Voila.ip=127.0.0.1 --port=8866
+
+# Headless Chromium for the browser test (tests/test_e2e_gui.py): apt-get, only when missing.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium and chromium-driver with apt-get (needs root or sudo)"; \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium chromium-driver; }
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
