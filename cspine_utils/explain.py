@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -266,13 +267,35 @@ def gradcam(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     x = _check_images(images, model)
     name = layer_name or gradcam_layer_name(model)
-    forward = _gradcam_forward(model, name, int(class_index))
     height, width = x.shape[1:3]
+    forward, step = _cam_step(model, name, int(class_index), int(height), int(width))
     out = []
     for start in range(0, x.shape[0], int(batch_size)):
         xb = tf.convert_to_tensor(x[start:start + int(batch_size)])
         if getattr(forward, "chain_of", None) is not None and start == 0:
             _check_chain(forward, model, xb, class_index)
+        cam = step(xb)
+        out.append(np.clip(cam.numpy(), 0.0, 1.0).astype(np.float32))
+    return np.concatenate(out, axis=0)
+
+
+# Compiled Grad-CAM steps per model (weak keys: a model that is deleted frees its entry). Building
+# the gradient model and tracing the step costs far more than one image, so an app that explains
+# one upload at a time reuses them.
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _cam_step(model: "keras.Model", name: str, class_index: int, height: int, width: int):
+    """``(forward, step)``: ``step(x) -> (B, height, width)`` heatmaps, built once per model/layer."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    per_model = _STEPS.setdefault(model, {})
+    key = (name, class_index, height, width)
+    if key in per_model:
+        return per_model[key]
+    forward = _gradcam_forward(model, name, class_index)
+
+    def cam_of(xb):
         with tf.GradientTape() as tape:
             conv, score = forward(xb)
             total = tf.reduce_sum(score)  # samples are independent: d total / d A_i = d s_i / d A_i
@@ -280,18 +303,21 @@ def gradcam(
         if grads is None:
             raise ValueError(f"the score does not depend on layer {name!r}; choose a layer on the "
                              "path from the input to the output")
-        conv = tf.cast(conv, tf.float32)
-        grads = tf.cast(grads, tf.float32)
         if len(conv.shape) != 4:
             raise ValueError(f"layer {name!r} has output shape {tuple(conv.shape)}; Grad-CAM needs "
                              "feature maps (B, h, w, C)")
+        conv = tf.cast(conv, tf.float32)
+        grads = tf.cast(grads, tf.float32)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
         cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1, keepdims=True))  # (B, h, w, 1)
         cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0]
         peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-        cam = tf.where(peak > 0, cam / tf.where(peak > 0, peak, 1.0), 0.0)
-        out.append(np.clip(cam.numpy(), 0.0, 1.0).astype(np.float32))
-    return np.concatenate(out, axis=0)
+        return tf.where(peak > 0, cam / tf.where(peak > 0, peak, 1.0), 0.0)
+
+    # the flat path compiles to one graph; the layer-by-layer chain (nested models) stays eager
+    step = cam_of if getattr(forward, "chain_of", None) is not None else tf.function(cam_of, reduce_retracing=True)
+    per_model[key] = (forward, step)
+    return per_model[key]
 
 
 def _check_chain(forward, model, xb, class_index: int) -> None:
