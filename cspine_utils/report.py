@@ -29,7 +29,7 @@ from typing import Callable
 
 from . import config
 
-__all__ = ["NotebookFailed", "NotebookRun", "course_notebooks", "select_notebooks", "run_course",
+__all__ = ["NotebookFailed", "NotebookRun", "course_notebooks", "select_notebooks", "run_course", "refresh_checked_outputs",
            "render_report", "KEY_FIGURES"]
 
 # Figures shown inline in the report index, in this order, when they exist.
@@ -173,7 +173,8 @@ def run_course(profile: str | None = None, data_dir: str | os.PathLike | None = 
     executed.mkdir(parents=True, exist_ok=True)
     all_notebooks = course_notebooks(notebooks_dir)
     chosen = select_notebooks(all_notebooks, only, start_from)
-    env = {"CSPINE_PROFILE": prof.name, "CSPINE_REPORT_DIR": str(report.resolve())}
+    env = {"CSPINE_PROFILE": prof.name, "CSPINE_REPORT_DIR": str(report.resolve()),
+           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     if data_dir:
         data_path = Path(data_dir).expanduser()
         if not data_path.exists():
@@ -394,3 +395,44 @@ def _cli_summary(runs: list[NotebookRun]) -> str:
 
 def as_dicts(runs: list[NotebookRun]) -> list[dict]:
     return [asdict(r) for r in runs]
+
+
+CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
+
+
+def refresh_checked_outputs(notebook: str | os.PathLike, executed: str | os.PathLike) -> int:
+    """Copy the text outputs of ``# NBVAL_CHECK_OUTPUT`` cells from an executed copy into the source.
+
+    Those cells are deterministic teaching examples; nbval (and tests/test_notebooks.py) compare a
+    fresh execution with the stored output, so the source notebook keeps exactly these outputs
+    (marked ``keep_output`` so that nbstripout leaves them) and no others. Returns the number of
+    cells updated. Run it after editing such a cell::
+
+        python -c "from cspine_utils import report; report.refresh_checked_outputs(
+            'notebooks/05_evaluation.ipynb', 'report/executed/05_evaluation.ipynb')"
+    """
+    import nbformat  # noqa: PLC0415
+
+    src = nbformat.read(notebook, as_version=4)
+    run = nbformat.read(executed, as_version=4)
+    run_cells = [c for c in run.cells if not (_PAPERMILL_TAGS & set(c.get("metadata", {}).get("tags", [])))]
+    if len(run_cells) != len(src.cells):
+        raise ValueError(f"{executed} does not match {notebook} cell for cell (was the source edited since?)")
+    updated = 0
+    for s, r in zip(src.cells, run_cells):
+        if s.cell_type != "code":
+            continue
+        if CHECK_MARK in s.source:
+            s.outputs = [o for o in r.outputs if o.get("output_type") in ("stream", "execute_result")]
+            for o in s.outputs:
+                if o.get("output_type") == "execute_result":
+                    o["execution_count"] = None
+                    o["data"] = {k: v for k, v in o.get("data", {}).items() if k == "text/plain"}
+            s.metadata["keep_output"] = True
+            updated += 1
+        else:
+            s.outputs = []
+            s.metadata.pop("keep_output", None)
+        s.execution_count = None
+    nbformat.write(src, notebook)
+    return updated

@@ -1,4 +1,12 @@
-"""The course notebooks run end to end (papermill, `smoke` profile) and write their products."""
+"""The whole course in the `smoke` profile, executed ONCE through `cspine run` into a temporary
+folder. That single execution serves three checks:
+
+* the report assertions (every notebook rendered to HTML, metrics present, no error cells);
+* nbval-style output checks: cells marked ``# NBVAL_CHECK_OUTPUT`` must print exactly what the
+  stored notebook shows (the same rule as ``pytest --nbval-lax notebooks/``, which `make nbval`
+  runs as a second, optional execution);
+* the hand-over of products between notebooks (manifest, split, bundles, metrics).
+"""
 
 from __future__ import annotations
 
@@ -8,73 +16,126 @@ import nbformat
 import papermill
 import pytest
 
-from cspine_utils import config, data, phantom
+from cspine_utils import config, data, phantom, report
 
 NOTEBOOKS = config.repo_root() / "notebooks"
+COURSE = [p.stem for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))]
+CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
 
 
 @pytest.fixture(scope="module")
-def course_env(tmp_path_factory, monkeypatch_module):
-    """A hermetic course run: smoke dataset, artifacts and report in a temporary folder."""
+def course(tmp_path_factory):
+    """`cspine run --profile smoke` in a temporary folder; returns (root, report dir, printed lines)."""
     root = tmp_path_factory.mktemp("course")
     dataset = root / "data"
     phantom.generate_dataset(dataset, phantom.SynthConfig(n=config.get_profile("smoke").n_synthetic, seed=0),
                              workers=2, progress=False)
-    env = {"CSPINE_PROFILE": "smoke", "CSPINE_DATA_DIR": str(dataset), "CSPINE_ARTIFACTS": str(root / "artifacts"),
-           "CSPINE_REPORT_DIR": str(root / "report"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    for key, value in env.items():
-        monkeypatch_module.setenv(key, value)
-    return root
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
     mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+    for key, value in {"CSPINE_ARTIFACTS": str(root / "artifacts"), "CSPINE_REPORT_DIR": str(root / "report"),
+                       "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
+        mp.setenv(key, value)
+    lines: list[str] = []
+    try:
+        runs = report.run_course("smoke", dataset, log=lines.append)
+        yield root, root / "report", runs, lines
+    finally:
+        mp.undo()
 
 
-def _run(name: str, root):
-    out = root / "executed" / f"{name}.ipynb"
-    out.parent.mkdir(exist_ok=True)
-    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), kernel_name="python3",
-                               progress_bar=False, cwd=str(NOTEBOOKS))
-    return nbformat.read(out, as_version=4)
-
-
-def _text(nb) -> str:
+def _outputs_text(cell) -> str:
     parts = []
-    for cell in nb.cells:
-        for o in cell.get("outputs", []):
-            parts.append(o.get("text", "") if o.output_type == "stream" else str(o.get("data", {}).get("text/plain", "")))
-    return "\n".join(parts)
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "stream":
+            parts.append(o.get("text", ""))
+        elif o.get("output_type") in ("execute_result", "display_data"):
+            parts.append(str(o.get("data", {}).get("text/plain", "")))
+    return "\n".join(p.rstrip() for p in parts).strip()
+
+
+def _source_cells(nb) -> list:
+    return [c for c in nb.cells if not ({"injected-parameters", "papermill-error-cell-tag"}
+                                        & set(c.get("metadata", {}).get("tags", [])))]
 
 
 @pytest.mark.slow
-def test_01_then_02_run_and_hand_over_their_products(course_env):
-    nb1 = _run("01_data_exploration", course_env)
-    text1 = _text(nb1)
-    audit_json = json.loads((course_env / "artifacts" / "data" / "audit.json").read_text())
-    assert audit_json["n_files"] == config.get_profile("smoke").n_synthetic
-    assert audit_json["leaking_groups"] == [] and audit_json["shortcut_auc"] < 0.9
-    assert "SHORTCUT ALARM" in text1, "the Kaggle-like demo must raise the shortcut alarm"
-    assert "cross-split leakage" in text1
-    for fig in ("01_labelled_slice", "01_sample_grid", "01_class_means", "01_intensity_histograms", "phantom_montage"):
-        assert (course_env / "report" / "figures" / f"{fig}.png").is_file()
-
-    nb2 = _run("02_preprocessing_augmentation", course_env)
-    split = data.load_manifest(data.artifacts_manifest_path())
-    assert set(split["split"]) == {"train", "val", "test"}
-    assert data.cross_split_leakage(split) == []
-    assert "groups in more than one split: none" in _text(nb2)
-    for fig in ("02_dicom_windows", "02_roi_crop", "02_augmentation_gallery"):
-        assert (course_env / "report" / "figures" / f"{fig}.png").is_file()
+def test_every_notebook_ran_without_errors_and_was_rendered(course):
+    root, rep, runs, lines = course
+    assert [r.name for r in runs] == COURSE
+    for name in COURSE:
+        executed = nbformat.read(rep / "executed" / f"{name}.ipynb", as_version=4)
+        errors = [i for i, c in enumerate(executed.cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+        assert not errors, f"{name}: error cells {errors}"
+        assert (rep / "html" / f"{name}.html").stat().st_size > 10_000
+    assert any(line.startswith("[1/") for line in lines) and any(line.startswith(f"[{len(COURSE)}/") for line in lines)
 
 
-def test_02_without_01_names_the_notebook_to_run_first(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_report_index_has_metrics_figures_and_provenance(course):
+    root, rep, runs, _ = course
+    facts = json.loads((rep / "run.json").read_text())
+    assert [nb["name"] for nb in facts["notebooks"]] == COURSE
+    assert all(nb["seconds"] and nb["seconds"] > 0 for nb in facts["notebooks"])
+    assert facts["profile"] == "smoke" and str(root / "data") in facts["data_source"]
+    table = facts["metrics"]["table"]
+    assert {row["model"] for row in table} == {"cnn", "vgg16"}
+    assert all("[" in row["ROC AUC [95% CI]"] for row in table)
+    assert facts["bundles"]["vgg16"]["weights"], "the weights source is named"
+    assert facts["audit"]["n_files"] == config.get_profile("smoke").n_synthetic
+    index = (rep / "index.html").read_text()
+    for name in COURSE:
+        assert f"html/{name}.html" in index
+    assert "not a medical device" in index and "ROC AUC" in index
+    for fig in facts["figures"]:
+        assert (rep / fig).is_file()
+    readme = (rep / "README.md").read_text()
+    assert "| [01_data_exploration](html/01_data_exploration.html) |" in readme
+
+
+@pytest.mark.slow
+def test_products_are_handed_over(course):
+    root, *_ = course
+    art = root / "artifacts"
+    split = data.load_manifest(art / "data" / "manifest.csv")
+    assert set(split["split"]) == {"train", "val", "test"} and data.cross_split_leakage(split) == []
+    for model in ("cnn", "vgg16"):
+        assert (art / "models" / model / "bundle.json").is_file()
+        assert (art / "metrics" / f"{model}.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COURSE)
+def test_checked_outputs_match_the_stored_notebook(course, name):
+    """nbval's rule for cells marked NBVAL_CHECK_OUTPUT, on the single smoke execution."""
+    _, rep, *_ = course
+    stored = _source_cells(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4))
+    executed = _source_cells(nbformat.read(rep / "executed" / f"{name}.ipynb", as_version=4))
+    assert len(stored) == len(executed)
+    checked = [(s, e) for s, e in zip(stored, executed) if s.cell_type == "code" and CHECK_MARK in s.source]
+    for s, e in checked:
+        want = _outputs_text(s)
+        assert want, f"{name}: a {CHECK_MARK} cell must store its expected output"
+        assert _outputs_text(e) == want, f"{name}: output changed in cell:\n{s.source}"
+
+
+def test_course_has_checked_cells():
+    marked = [name for name in COURSE
+              if any(CHECK_MARK in c.source for c in nbformat.read(NOTEBOOKS / f"{name}.ipynb", 4).cells)]
+    assert len(marked) >= 4, f"deterministic cells carry {CHECK_MARK} in most notebooks, found in {marked}"
+
+
+def test_a_notebook_run_before_its_predecessor_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("CSPINE_PROFILE", "smoke")
     monkeypatch.setenv("CSPINE_ARTIFACTS", str(tmp_path / "empty artifacts"))
     monkeypatch.setenv("CSPINE_REPORT_DIR", str(tmp_path / "report"))
+    out = tmp_path / "02.ipynb"
     with pytest.raises(papermill.PapermillExecutionError) as info:
-        _run("02_preprocessing_augmentation", tmp_path)
+        papermill.execute_notebook(str(NOTEBOOKS / "02_preprocessing_augmentation.ipynb"), str(out),
+                                   kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS))
     assert "run notebooks/01_data_exploration.ipynb first" in str(info.value)
+
+
+def test_papermill_lists_each_notebooks_parameters():
+    """What `papermill --help-notebook` prints comes from the tagged parameters cell."""
+    for name in COURSE:
+        params = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
+        assert {"PROFILE", "DATA_DIR", "SEED"} <= set(params), name
