@@ -984,7 +984,9 @@ def train_two_phase(
     train_ds, val_ds : tf.data.Dataset
         ``(images (B, S, S, 1), labels (B,))`` batches.
     epochs_head, epochs_finetune : int
-        Epochs of each phase (``epochs_head >= 1``, ``epochs_finetune >= 0``).
+        Epochs of each phase (``>= 0``, not both 0). ``epochs_head=0`` keeps a head trained
+        elsewhere (e.g. on cached features by the tuner) and only fine-tunes; its validation AUC
+        is then the bar phase 2 has to beat.
     lr_head, lr_finetune : float
         Learning rates of the two phases.
     unfreeze_blocks : int, default 1
@@ -1005,18 +1007,25 @@ def train_two_phase(
         (1 or 2 for each epoch) and ``trainable`` (the trainable VGG16 layers of each phase,
         ``{1: [...], 2: [...]}``).
     """
-    epochs_head = _positive_int("epochs_head", epochs_head)
+    epochs_head = _positive_int("epochs_head", epochs_head, minimum=0)
     epochs_finetune = _positive_int("epochs_finetune", epochs_finetune, minimum=0)
+    if epochs_head + epochs_finetune == 0:
+        raise ValueError("epochs_head and epochs_finetune are both 0: nothing to train")
     if epochs_finetune and not 1 <= unfreeze_blocks <= 5:
         raise ValueError(f"unfreeze_blocks must be from 1 to 5, got {unfreeze_blocks!r}")
 
     trainable = {1: set_vgg_trainable(model, 0)}
     compile_binary_classifier(model, lr_head, optimizer)
-    phase_callbacks = (callbacks if callbacks is not None
-                       else standard_callbacks(out_dir, patience=patience))
-    h1 = _history_dict(model.fit(train_ds, validation_data=val_ds, epochs=epochs_head,
-                                 class_weight=class_weight, callbacks=phase_callbacks,
-                                 verbose=verbose, shuffle=_fit_shuffle(train_ds)))
+    if epochs_head:
+        phase_callbacks = (callbacks if callbacks is not None
+                           else standard_callbacks(out_dir, patience=patience))
+        h1 = _history_dict(model.fit(train_ds, validation_data=val_ds, epochs=epochs_head,
+                                     class_weight=class_weight, callbacks=phase_callbacks,
+                                     verbose=verbose, shuffle=_fit_shuffle(train_ds)))
+    head_best = None
+    if not epochs_head:  # the head was trained elsewhere (e.g. on cached features)
+        h1 = {}
+        head_best = model.evaluate(val_ds, verbose=0, return_dict=True).get("auc")  # phase 2's bar
     n1 = len(h1.get("loss", []))
     merged: dict[str, list] = {k: list(v) for k, v in h1.items()}
     merged["phase"] = [1] * n1
@@ -1024,7 +1033,7 @@ def train_two_phase(
         trainable[2] = set_vgg_trainable(model, unfreeze_blocks)
         compile_binary_classifier(model, lr_finetune, optimizer)
         if callbacks is None:
-            best = max(h1["val_auc"]) if h1.get("val_auc") else None
+            best = max(h1["val_auc"]) if h1.get("val_auc") else head_best
             phase_callbacks = standard_callbacks(out_dir, patience=patience, append=True,
                                                  initial_best=best)
         h2 = _history_dict(model.fit(train_ds, validation_data=val_ds, initial_epoch=n1,

@@ -253,6 +253,20 @@ def test_two_phase_training_freezes_then_unfreezes_top_block():
         models.set_vgg_trainable(models.build_cnn(32, filters=(4, 4)), 1)
 
 
+def test_two_phase_with_a_pretrained_head_only_fine_tunes(tmp_path):
+    config.set_seed(0)
+    model, _ = models.build_vgg16_classifier(32, weights=None, head_units=8)
+    x, y = toy_images(16)
+    ds = toy_dataset(x, y)
+    head_kernel = model.get_layer("head_dense").get_weights()[0].copy()
+    history = models.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4,
+                                     out_dir=tmp_path, verbose=0)
+    assert history["phase"] == [2] and len(history["val_auc"]) == 1
+    assert not np.array_equal(model.get_layer("head_dense").get_weights()[0], head_kernel)
+    with pytest.raises(ValueError, match="nothing to train"):
+        models.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=0)
+
+
 def test_standard_callbacks_and_optimizers(tmp_path):
     cbs = models.standard_callbacks(tmp_path / "run", patience=4)
     kinds = {type(c).__name__: c for c in cbs}
