@@ -69,7 +69,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         name="cpu", image_size=96, n_synthetic=1200, batch_size=32, epochs_cnn=15,
-        epochs_head=8, epochs_finetune=4, tuner_trials=6, tuner_epochs=6,
+        epochs_head=8, epochs_finetune=2, tuner_trials=6, tuner_epochs=6,
         bootstrap_resamples=1000,
     ),
     "gpu": Profile(

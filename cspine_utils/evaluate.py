@@ -1344,7 +1344,7 @@ def plot_subgroups(table: "pd.DataFrame") -> "Figure":
             values = part[metric].to_numpy(dtype=float)
             lo = part.get(f"{metric}_low", part[metric]).to_numpy(dtype=float)
             hi = part.get(f"{metric}_high", part[metric]).to_numpy(dtype=float)
-            err = np.vstack([np.nan_to_num(values - lo), np.nan_to_num(hi - values)])
+            err = np.clip(np.vstack([np.nan_to_num(values - lo), np.nan_to_num(hi - values)]), 0, None)  # rounding
             ax.bar(x + offset, values, width=0.4, yerr=err, capsize=2, label=metric)  # NaN: no bar
         ax.set_xticks(x, [f"{v}\nn={n}" for v, n in zip(part["value"], part["n"])], fontsize=8)
         ax.set(ylim=(0, 1.05), title=str(var))

@@ -1375,13 +1375,15 @@ def best_model(
     patience: int = 5,
     verbose: int | str = 0,
     head_from_search: bool = False,
+    unfreeze_blocks: int | None = None,
 ) -> tuple["keras.Model", dict, dict]:
     """Retrain the best trial's hyperparameters as a full VGG16 classifier on full images.
 
     With ``head_from_search=True`` phase 1 is not repeated: the best trial's head (trained on
     the cached features, saved in its checkpoint) is transplanted into the classifier and only
     phase 2 (fine-tuning on images) runs — on a CPU this saves ``epochs_head`` passes of VGG16
-    over the training images.
+    over the training images. ``unfreeze_blocks`` overrides the trial's value (e.g. a CPU search
+    over frozen-base heads only, followed by one fine-tuning of the best head).
 
     The image size, weights (and the seed of a random base) come from the project's
     ``search_settings.json``. Training is :func:`models.train_two_phase` on
@@ -1427,7 +1429,8 @@ def best_model(
     train_ds = pipeline.make_dataset(train, size, batch, training=True, augment_strength=strength,
                                      crop_roi=crop, seed=seed)
     val_ds = pipeline.make_dataset(val, size, batch, training=False, crop_roi=crop)
-    unfreeze = int(values["unfreeze_blocks"])
+    unfreeze = int(values["unfreeze_blocks"] if unfreeze_blocks is None else unfreeze_blocks)
+    values = {**values, "unfreeze_blocks": unfreeze}
     n_head = epochs_head if epochs_head is not None else prof.epochs_head
     n_tune = epochs_finetune if epochs_finetune is not None else prof.epochs_finetune
     n_tune = n_tune if unfreeze else 0
@@ -1449,11 +1452,22 @@ def best_model(
     history = models.train_two_phase(
         model, train_ds, val_ds, epochs_head=n_head, epochs_finetune=n_tune,
         lr_head=float(values["lr_head"]),
-        lr_finetune=float(values["lr_finetune"] or 1e-5), unfreeze_blocks=max(unfreeze, 1),
+        lr_finetune=_finetune_rate(values), unfreeze_blocks=max(unfreeze, 1),
         optimizer=str(values["optimizer"]), class_weight=class_weight, out_dir=out_dir,
         patience=patience, verbose=verbose,
     )
     return model, values, history
+
+
+def _finetune_rate(values: dict, default: float = 1e-5) -> float:
+    """The trial's phase-2 learning rate; ``default`` when the trial did not fine-tune (the
+    hyperparameter is inactive then: missing, None or NaN)."""
+    rate = values.get("lr_finetune")
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        return default
+    return default if math.isnan(rate) or rate <= 0 else rate
 
 
 # --------------------------------------------------------------------------------------------
