@@ -1482,6 +1482,18 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
 # Devices
 # --------------------------------------------------------------------------------------------
 def _gpu_devices() -> list:
+    """GPUs visible to the Keras backend in use (TensorFlow, JAX or PyTorch)."""
+    import keras  # noqa: PLC0415
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax  # noqa: PLC0415
+
+        return [d for d in jax.devices() if d.platform == "gpu"]
+    if backend == "torch":
+        import torch  # noqa: PLC0415
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     import tensorflow as tf  # noqa: PLC0415
 
     return list(tf.config.list_physical_devices("GPU"))
@@ -1496,6 +1508,14 @@ def describe_device() -> str:
         E.g. ``"GPU: 1 found (NVIDIA H100 80GB HBM3); TensorFlow 2.21.0"`` or
         ``"CPU only: no GPU visible to TensorFlow 2.21.0; 2 CPU cores"``.
     """
+    import keras  # noqa: PLC0415
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":  # e.g. the JAX backend on a machine without TensorFlow
+        gpus = _gpu_devices()
+        kinds = ", ".join(sorted({str(getattr(g, "device_kind", g)) for g in gpus}))
+        found = f"GPU: {len(gpus)} found ({kinds})" if gpus else "CPU only: no GPU visible"
+        return f"{found}; Keras {keras.__version__} on the {backend} backend; {os.cpu_count()} CPU cores"
     import tensorflow as tf  # noqa: PLC0415
 
     gpus = _gpu_devices()
