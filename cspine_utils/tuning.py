@@ -1376,14 +1376,15 @@ def best_model(
     verbose: int | str = 0,
     head_from_search: bool = False,
     unfreeze_blocks: int | None = None,
+    lr_finetune: float | None = None,
 ) -> tuple["keras.Model", dict, dict]:
     """Retrain the best trial's hyperparameters as a full VGG16 classifier on full images.
 
     With ``head_from_search=True`` phase 1 is not repeated: the best trial's head (trained on
     the cached features, saved in its checkpoint) is transplanted into the classifier and only
     phase 2 (fine-tuning on images) runs — on a CPU this saves ``epochs_head`` passes of VGG16
-    over the training images. ``unfreeze_blocks`` overrides the trial's value (e.g. a CPU search
-    over frozen-base heads only, followed by one fine-tuning of the best head).
+    over the training images. ``unfreeze_blocks`` and ``lr_finetune`` override the trial's values
+    (e.g. a CPU search over frozen-base heads only, followed by one fine-tuning of the best head).
 
     The image size, weights (and the seed of a random base) come from the project's
     ``search_settings.json``. Training is :func:`models.train_two_phase` on
@@ -1431,6 +1432,8 @@ def best_model(
     val_ds = pipeline.make_dataset(val, size, batch, training=False, crop_roi=crop)
     unfreeze = int(values["unfreeze_blocks"] if unfreeze_blocks is None else unfreeze_blocks)
     values = {**values, "unfreeze_blocks": unfreeze}
+    if lr_finetune is not None:
+        values["lr_finetune"] = float(lr_finetune)
     n_head = epochs_head if epochs_head is not None else prof.epochs_head
     n_tune = epochs_finetune if epochs_finetune is not None else prof.epochs_finetune
     n_tune = n_tune if unfreeze else 0
