@@ -17,10 +17,10 @@ ifneq ($(strip $(DATA_DIR)),)
 export CSPINE_DATA_DIR := $(DATA_DIR)
 endif
 
-.PHONY: help venv run data test test-fast lab clean distclean
+.PHONY: help venv run data test test-fast nbval lab clean distclean
 
 help:
-	@echo "make run | test | data | lab | clean | distclean   (PROFILE=$(PROFILE))"
+	@echo "make run | test | data | lab | gui | nbval | clean | distclean   (PROFILE=$(PROFILE))"
 
 # The virtual environment is rebuilt only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -41,6 +41,12 @@ run: data
 
 test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# nbval's own run of the notebooks (a second execution; `make test` checks the same cells on its
+# single smoke run of the course): outputs of cells marked NBVAL_CHECK_OUTPUT must match.
+nbval: $(STAMP)
+	tmp=$$(mktemp -d) && CSPINE_PROFILE=smoke CSPINE_ARTIFACTS=$$tmp/artifacts CSPINE_REPORT_DIR=$$tmp/report \
+	  $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks/
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)
