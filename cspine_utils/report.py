@@ -311,6 +311,11 @@ def _metrics_table(facts: dict) -> tuple[list[str], list[list[str]]]:
     return header, [[str(r.get(c, "")) for c in header] for r in records]
 
 
+def _num(value, digits: int = 3) -> str:
+    """A probability or score for humans: 3 decimals; anything else as it is."""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
 def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
     lines = ["# Cervical spine fracture detection on CT — the rendered course", "",
              "> Teaching project, not a medical device. Results are on a synthetic phantom unless stated otherwise.", "",
@@ -329,7 +334,7 @@ def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
         if paired:
             lines += [f"Paired bootstrap test of the AUC difference: {paired}", ""]
     if facts["bundles"]:
-        lines += ["## Models and weights", ""] + [f"- **{k}**: {v['weights']}; threshold {v['threshold']}, "
+        lines += ["## Models and weights", ""] + [f"- **{k}**: {v['weights']}; threshold {_num(v['threshold'])}, "
                                                    f"{v['image_size']} px" for k, v in facts["bundles"].items()] + [""]
     audit = facts.get("audit") or {}
     if audit:
@@ -356,7 +361,7 @@ def _html(facts: dict, figures: list[tuple[str, str]]) -> str:
                    + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
                    + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in metric_rows) + "</table>"
                    + (f"<p>Paired bootstrap test of the AUC difference: {e(str(paired))}</p>" if paired else ""))
-    bundles = "".join(f"<li><b>{e(k)}</b>: {e(str(v['weights']))}; threshold {e(str(v['threshold']))}, "
+    bundles = "".join(f"<li><b>{e(k)}</b>: {e(str(v['weights']))}; threshold {e(_num(v['threshold']))}, "
                       f"{e(str(v['image_size']))} px</li>" for k, v in facts["bundles"].items())
     audit = facts.get("audit") or {}
     audit_html = ""
