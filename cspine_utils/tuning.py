@@ -23,10 +23,10 @@ name                  values                                  used in
 trial, and the whole of a trial with ``unfreeze_blocks = 0``) it computes the same function in
 every epoch of every trial, and that is > 99 % of the work. :class:`FeatureCache` runs the base
 *once* over the training images - unaugmented, and ``K`` seeded augmented copies per cached
-augmentation strength - and keeps the pooled output (``avg_pool``, shape ``(N, 512)``) in memory
+augmentation strength - and keeps the pooled output (``avg_pool``, shape ``(N, 1024)``: pooled blocks 4 and 5) in memory
 and optionally as ``.npz`` files (``artifacts/tuner/cache/``). The trial then trains only the
 head (:func:`build_head`: ``head_dense`` -> ``head_dropout`` -> ``fracture_probability``, the
-very layers of the full classifier) on those 512 numbers per image; epoch ``e`` sees augmented
+very layers of the full classifier) on those 1024 numbers per image; epoch ``e`` sees augmented
 copy ``e mod K``, standing in for the fresh augmentation of each epoch. Trials with
 ``unfreeze_blocks > 0`` then build the full classifier, copy the trained head into it
 (:func:`transplant_head`) and fine-tune on images (``ceil(finetune_fraction x epochs)`` epochs).
@@ -134,7 +134,7 @@ __all__ = [
 
 #: Bump when the meaning of the search space changes: a project made with another version
 #: cannot be resumed.
-SPACE_VERSION = 1
+SPACE_VERSION = 2  # 2: heads read pooled block 4 + block 5 features (1024)
 #: Augmentation strengths with cached features; the ``augment_strength`` hyperparameter picks one.
 CACHED_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0)
 #: Augmented copies of the training set cached per strength (epoch ``e`` uses copy ``e mod K``).
@@ -146,7 +146,7 @@ OBJECTIVE = "val_auc"
 HYPERPARAMETERS = ("head_units", "dropout", "optimizer", "lr_head", "unfreeze_blocks",
                    "lr_finetune", "augment_strength", "batch_size")
 FEATURE_LAYER = "avg_pool"
-FEATURE_DIM = 512
+FEATURE_DIM = models.VGG16_FEATURE_DIM  # pooled block 4 + block 5
 HEAD_LAYERS = ("head_dense", models.OUTPUT_LAYER)  # the head layers that hold weights
 SETTINGS_FILE = "search_settings.json"
 RESULTS_FILE = "results.csv"
@@ -356,7 +356,7 @@ def vgg16_feature_extractor(
     Returns
     -------
     extractor : keras.Model
-        Input ``(B, S, S, 1)`` float32 in [0, 1]; output ``(B, 512)`` float32.
+        Input ``(B, S, S, 1)`` float32 in [0, 1]; output ``(B, 1024)`` float32.
     weights_info : WeightsInfo
     """
     import keras  # noqa: PLC0415
@@ -387,8 +387,8 @@ class FeatureCache:
     later searches and other processes (distributed workers) read instead of recomputing.
 
     For ``strength = 0`` an entry is the base output of the images themselves, shape
-    ``(1, N, 512)``. For ``strength > 0`` it is ``copies`` augmented versions,
-    ``(copies, N, 512)``: copy ``k`` is made by ``pipeline.augmentation_layers(strength,
+    ``(1, N, 1024)``. For ``strength > 0`` it is ``copies`` augmented versions,
+    ``(copies, N, 1024)``: copy ``k`` is made by ``pipeline.augmentation_layers(strength,
     seed=seed + 101 * k)`` applied batch by batch, then the base.
 
     Parameters
@@ -431,7 +431,7 @@ class FeatureCache:
 
         s = _strength(strength)
         parts = {
-            "format": _CACHE_FORMAT, "image_size": self.image_size,
+            "format": _CACHE_FORMAT, "image_size": self.image_size, "features": FEATURE_DIM,
             "policy": keras.mixed_precision.global_policy().name,  # float16 features on a GPU
             "weights": _weights_key(self.weights_info, self.seed), "data": str(fingerprint),
             "strength": round(s, 6), "copies": self.copies if s > 0 else 1,
@@ -460,7 +460,7 @@ class FeatureCache:
 
         Returns
         -------
-        numpy.ndarray, shape (C, N, 512), float32
+        numpy.ndarray, shape (C, N, 1024), float32
             ``C = 1`` for strength 0, else ``copies``.
         """
         s = _strength(strength)
@@ -533,14 +533,14 @@ def build_head(head_units: int = 128, dropout: float = 0.4, *,
                name: str = "vgg16_head") -> "keras.Model":
     """The classifier's head as a model of its own, trained on cached base features.
 
-    ``features (512,)`` -> ``head_dense`` Dense(head_units, relu) -> ``head_dropout`` ->
+    ``features (1024,)`` -> ``head_dense`` Dense(head_units, relu) -> ``head_dropout`` ->
     ``fracture_probability`` Dense(1, sigmoid, float32): the same names and shapes as the head
     of :func:`models.build_vgg16_classifier`, so :func:`transplant_head` can copy it there.
 
     Returns
     -------
     keras.Model
-        Input ``(B, 512)`` float32; output ``(B, 1)`` fracture probability.
+        Input ``(B, 1024)`` float32; output ``(B, 1)`` fracture probability.
     """
     import keras  # noqa: PLC0415
 

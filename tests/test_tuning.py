@@ -129,7 +129,7 @@ def test_cached_features_equal_the_base_output(hypermodel, tuning_data, tmp_path
     x_train = tuning_data.arrays()[0]
     cache = hypermodel.feature_cache
     feats = cache.get(x_train, 0.0, fingerprint=tuning_data.train_fingerprint)
-    assert feats.shape == (1, len(x_train), 512) and feats.dtype == np.float32
+    assert feats.shape == (1, len(x_train), tuning.FEATURE_DIM) and feats.dtype == np.float32
 
     import keras
 
@@ -140,7 +140,7 @@ def test_cached_features_equal_the_base_output(hypermodel, tuning_data, tmp_path
     assert float(np.abs(expected).max()) > 0  # not a trivially zero comparison
 
     augmented = cache.get(x_train, 1.0, fingerprint=tuning_data.train_fingerprint)
-    assert augmented.shape == (2, len(x_train), 512)
+    assert augmented.shape == (2, len(x_train), tuning.FEATURE_DIM)
     assert not np.allclose(augmented[0], augmented[1])  # two different augmented copies
     assert not np.allclose(augmented[0], feats[0])
 
