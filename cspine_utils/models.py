@@ -591,6 +591,7 @@ def build_vgg16_classifier(
         block1_conv1 ... block5_pool   the 13 VGG16 convolutions and 5 poolings, flat
         avg_pool         GlobalAveragePooling2D of block4_pool and of block5_pool,
                          concatenated                                    (1024,)
+        head_norm        BatchNormalization (standardises the pooled features)
         head_dense       Dense(head_units, relu)
         head_dropout     Dropout(dropout)
         fracture_probability  Dense(1, sigmoid), float32
@@ -653,6 +654,9 @@ def build_vgg16_classifier(
     x = keras.layers.Concatenate(name="avg_pool")([
         keras.layers.GlobalAveragePooling2D(name="block4_gap")(block4),
         keras.layers.GlobalAveragePooling2D(name="block5_gap")(x)])
+    # pooled VGG activations differ in scale by orders of magnitude between channels (the HED
+    # weights especially): standardise them before the dense layer, as one would for a linear model
+    x = keras.layers.BatchNormalization(momentum=0.9, name="head_norm")(x)
     x = keras.layers.Dense(units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(rate, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)(x)

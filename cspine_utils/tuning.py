@@ -134,7 +134,7 @@ __all__ = [
 
 #: Bump when the meaning of the search space changes: a project made with another version
 #: cannot be resumed.
-SPACE_VERSION = 2  # 2: heads read pooled block 4 + block 5 features (1024)
+SPACE_VERSION = 3  # 3: heads standardise (BatchNormalization) pooled block 4 + 5 features
 #: Augmentation strengths with cached features; the ``augment_strength`` hyperparameter picks one.
 CACHED_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0)
 #: Augmented copies of the training set cached per strength (epoch ``e`` uses copy ``e mod K``).
@@ -147,7 +147,7 @@ HYPERPARAMETERS = ("head_units", "dropout", "optimizer", "lr_head", "unfreeze_bl
                    "lr_finetune", "augment_strength", "batch_size")
 FEATURE_LAYER = "avg_pool"
 FEATURE_DIM = models.VGG16_FEATURE_DIM  # pooled block 4 + block 5
-HEAD_LAYERS = ("head_dense", models.OUTPUT_LAYER)  # the head layers that hold weights
+HEAD_LAYERS = ("head_norm", "head_dense", models.OUTPUT_LAYER)
 SETTINGS_FILE = "search_settings.json"
 RESULTS_FILE = "results.csv"
 RUN_FILE = "run.json"  # per trial: seconds and the tuner that ran it
@@ -533,7 +533,8 @@ def build_head(head_units: int = 128, dropout: float = 0.4, *,
                name: str = "vgg16_head") -> "keras.Model":
     """The classifier's head as a model of its own, trained on cached base features.
 
-    ``features (1024,)`` -> ``head_dense`` Dense(head_units, relu) -> ``head_dropout`` ->
+    ``features (1024,)`` -> ``head_norm`` BatchNormalization -> ``head_dense`` Dense(head_units,
+    relu) -> ``head_dropout`` ->
     ``fracture_probability`` Dense(1, sigmoid, float32): the same names and shapes as the head
     of :func:`models.build_vgg16_classifier`, so :func:`transplant_head` can copy it there.
 
@@ -547,7 +548,8 @@ def build_head(head_units: int = 128, dropout: float = 0.4, *,
     units = _positive_int("head_units", head_units)
     rate = models._fraction("dropout", dropout)
     inputs = keras.Input((FEATURE_DIM,), name="features")
-    x = keras.layers.Dense(units, activation="relu", name="head_dense")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="head_norm")(inputs)
+    x = keras.layers.Dense(units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(rate, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32",
                                  name=models.OUTPUT_LAYER)(x)
@@ -555,7 +557,7 @@ def build_head(head_units: int = 128, dropout: float = 0.4, *,
 
 
 def transplant_head(head: "keras.Model", classifier: "keras.Model") -> "keras.Model":
-    """Copy the weights of ``head_dense`` and ``fracture_probability`` from ``head`` into
+    """Copy the weights of ``head_norm``, ``head_dense`` and ``fracture_probability`` from ``head`` into
     ``classifier`` (same layer names); returns ``classifier``.
 
     Raises

@@ -238,7 +238,7 @@ def test_two_phase_training_freezes_then_unfreezes_top_block():
     history = models.train_two_phase(model, ds, ds, epochs_head=1, epochs_finetune=1,
                                      lr_finetune=1e-4, unfreeze_blocks=1, optimizer="sgd",
                                      callbacks=[recorder], verbose=0)
-    head = {"head_dense", models.OUTPUT_LAYER}
+    head = {"head_norm", "head_dense", models.OUTPUT_LAYER}
     assert recorder.phases == [head, head | set(models.VGG16_BLOCKS[5])]
     assert history["phase"] == [1, 2] and len(history["val_auc"]) == 2
     assert history["trainable"][2] == list(models.VGG16_BLOCKS[5])
