@@ -393,7 +393,6 @@ def _ece(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
     if y.size == 0:
         return math.nan
     b = _bin_index(p, n_bins)
-    count = np.bincount(b, minlength=n_bins)
     sum_y = np.bincount(b, weights=y, minlength=n_bins)
     sum_p = np.bincount(b, weights=p, minlength=n_bins)
     return float(np.abs(sum_y - sum_p).sum() / y.size)  # = sum (n_b/N) |mean_y - mean_p|
@@ -413,7 +412,6 @@ def calibration_bins(y_true: Iterable, y_prob: Iterable, n_bins: int = 10) -> "p
     y, p = check_labels_and_probabilities(y_true, y_prob)
     n_bins = _check_bins(n_bins)
     b = _bin_index(p, n_bins)
-    count = np.bincount(b, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p = np.bincount(b, weights=p, minlength=n_bins) / count
         frac_y = np.bincount(b, weights=y, minlength=n_bins) / count
@@ -1133,14 +1131,9 @@ def combined_table(
 # Figures
 # --------------------------------------------------------------------------------------------
 def _pyplot():
-    import matplotlib  # noqa: PLC0415
+    from .plots import pyplot  # noqa: PLC0415 - one backend rule for every figure
 
-    backend = matplotlib.get_backend().lower()
-    if "inline" not in backend and backend != "agg" and not os.environ.get("DISPLAY"):
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+    return pyplot()
 
 
 def plot_confusion(y: Iterable, p: Iterable, threshold: float, title: str = "",

@@ -389,14 +389,9 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: st
 
 
 def _pyplot():
-    import matplotlib  # noqa: PLC0415
+    from .plots import pyplot  # noqa: PLC0415 - one backend rule for every figure
 
-    backend = matplotlib.get_backend().lower()
-    if "inline" not in backend and backend != "agg" and not os.environ.get("DISPLAY"):
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+    return pyplot()
 
 
 def plot_gradcam_gallery(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from . import config
 
-__all__ = ["save_figure", "phantom_montage", "labelled_slice", "sample_grid", "class_mean_images",
+__all__ = ["save_figure", "pyplot", "phantom_montage", "labelled_slice", "sample_grid", "class_mean_images",
            "intensity_histograms", "learning_curves", "model_diagram"]
 
 
@@ -27,12 +28,9 @@ def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float 
     Row 1 shows normal slices at several levels; each further row one difficulty, with the three
     fracture types and a zoom on the spine. Returns the Matplotlib figure.
     """
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
     from . import phantom  # noqa: PLC0415
+
+    plt = pyplot()
 
     rng = np.random.default_rng(seed)
     levels = ("C1", "C2", "C4", "C7")
@@ -70,10 +68,13 @@ def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float 
     return fig
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot``, switched to the file-only Agg backend when there is no screen and no
+    notebook (scripts, tests, CI); in Jupyter the inline backend is kept."""
     import matplotlib  # noqa: PLC0415
 
-    if matplotlib.get_backend().lower() not in ("agg",) and "inline" not in matplotlib.get_backend().lower():
+    backend = matplotlib.get_backend().lower()
+    if "inline" not in backend and backend != "agg" and not os.environ.get("DISPLAY"):
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -97,7 +98,7 @@ def labelled_slice(level: str = "C5", seed: int = 3):
 
     from . import phantom  # noqa: PLC0415
 
-    plt = _plt()
+    plt = pyplot()
     rng = np.random.default_rng(seed)
     subject = phantom.sample_subject(rng, "demo")
     import dataclasses  # noqa: PLC0415
@@ -136,7 +137,7 @@ def sample_grid(manifest, n_per_class: int = 6, seed: int = 0, title: str = ""):
     """A grid of random images per class (rows: classes) from a manifest with ``path`` and ``label``."""
     from . import data  # noqa: PLC0415
 
-    plt = _plt()
+    plt = pyplot()
     classes = sorted(manifest["label"].unique())
     fig, axes = plt.subplots(len(classes), n_per_class, figsize=(2.2 * n_per_class, 2.4 * len(classes)), squeeze=False)
     for r, cls in enumerate(classes):
@@ -165,7 +166,7 @@ def class_mean_images(manifest, size: int = 128, max_per_class: int = 300, seed:
 
     from . import data  # noqa: PLC0415
 
-    plt = _plt()
+    plt = pyplot()
     means = {}
     for cls, rows in manifest.groupby("label"):
         rows = rows.sample(min(max_per_class, len(rows)), random_state=seed)
@@ -195,7 +196,7 @@ def intensity_histograms(manifest, max_per_class: int = 200, seed: int = 0):
     """Pixel-intensity histograms per class (inside the body: pixels > 0.02), normalised."""
     from . import data  # noqa: PLC0415
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for cls, rows in sorted(manifest.groupby("label")):
         rows = rows.sample(min(max_per_class, len(rows)), random_state=seed)
@@ -214,7 +215,7 @@ def learning_curves(history: dict, title: str = "", phase_boundary: int | None =
 
     ``phase_boundary`` (epoch index) draws a line where fine-tuning started (two-phase training).
     """
-    plt = _plt()
+    plt = pyplot()
     metrics = [m for m in ("loss", "accuracy", "auc") if m in history]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
@@ -240,7 +241,7 @@ def model_diagram(model, max_layers: int = 40):
 
     (``keras.utils.plot_model`` needs Graphviz, which a student's machine may not have.)
     """
-    plt = _plt()
+    plt = pyplot()
     layers = [layer for layer in model.layers][:max_layers]
     fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(layers) + 0.6))
     colours = {"Conv2D": "#8ecae6", "BatchNormalization": "#ffb703", "Activation": "#fb8500",

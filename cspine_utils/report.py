@@ -22,7 +22,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -392,14 +392,6 @@ notebooks at commit <code>{e(facts['notebooks_commit'][:12])}</code></p>
 <h2>Versions</h2><p>{versions}</p>
 </body></html>
 """
-
-
-def _cli_summary(runs: list[NotebookRun]) -> str:
-    return "\n".join(f"{r.name:<34} {_fmt(r.seconds):>6}" for r in runs)
-
-
-def as_dicts(runs: list[NotebookRun]) -> list[dict]:
-    return [asdict(r) for r in runs]
 
 
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"

@@ -160,10 +160,7 @@ _UNCOMPARED_SETTINGS = ("created", "resumed", "seed", "max_trials", "weights", "
 # --------------------------------------------------------------------------------------------
 # Small checks
 # --------------------------------------------------------------------------------------------
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+_positive_int = models._positive_int  # the same argument check as the models
 
 
 def _strength(value: Any) -> float:
