@@ -412,6 +412,7 @@ def calibration_bins(y_true: Iterable, y_prob: Iterable, n_bins: int = 10) -> "p
     y, p = check_labels_and_probabilities(y_true, y_prob)
     n_bins = _check_bins(n_bins)
     b = _bin_index(p, n_bins)
+    count = np.bincount(b, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p = np.bincount(b, weights=p, minlength=n_bins) / count
         frac_y = np.bincount(b, weights=y, minlength=n_bins) / count
