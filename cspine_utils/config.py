@@ -53,6 +53,8 @@ class Profile:
     epochs_cnn: int
     epochs_head: int  # VGG phase 1: frozen base, train the head
     epochs_finetune: int  # VGG phase 2: top block(s) unfrozen, low learning rate
+    finetune_blocks: int  # VGG phase 2: how many top blocks are unfrozen (3 = blocks 3, 4 and 5)
+    lr_finetune: float  # VGG phase 2 learning rate (Adam)
     tuner_trials: int
     tuner_epochs: int
     bootstrap_resamples: int
@@ -64,17 +66,20 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", image_size=64, n_synthetic=120, batch_size=16, epochs_cnn=2,
-        epochs_head=1, epochs_finetune=1, tuner_trials=2, tuner_epochs=1,
+        epochs_head=1, epochs_finetune=1, finetune_blocks=1, lr_finetune=1e-4,
+        tuner_trials=2, tuner_epochs=1,
         bootstrap_resamples=200,
     ),
     "cpu": Profile(
         name="cpu", image_size=96, n_synthetic=1200, batch_size=32, epochs_cnn=15,
-        epochs_head=8, epochs_finetune=2, tuner_trials=6, tuner_epochs=6,
+        epochs_head=8, epochs_finetune=8, finetune_blocks=3, lr_finetune=1e-4,
+        tuner_trials=6, tuner_epochs=6,
         bootstrap_resamples=1000,
     ),
     "gpu": Profile(
         name="gpu", image_size=224, n_synthetic=4000, batch_size=32, epochs_cnn=40,
-        epochs_head=15, epochs_finetune=15, tuner_trials=30, tuner_epochs=20,
+        epochs_head=15, epochs_finetune=15, finetune_blocks=3, lr_finetune=1e-4,
+        tuner_trials=30, tuner_epochs=20,
         bootstrap_resamples=2000,
     ),
 }

@@ -13,8 +13,8 @@ name                  values                                  used in
 ``dropout``           0.2 - 0.6 (step 0.1)                    rate of ``head_dropout``
 ``optimizer``         adam, sgd (momentum 0.9), rmsprop       both phases
 ``lr_head``           1e-4 - 3e-3 (log scale)                 phase 1: frozen base
-``unfreeze_blocks``   0, 1, 2 (0 = frozen base only)          phase 2: top blocks trained
-``lr_finetune``       1e-6 - 1e-4 (log), only if unfrozen     phase 2
+``unfreeze_blocks``   0, 1, 2, 3 (0 = frozen base only)       phase 2: top blocks trained
+``lr_finetune``       1e-5 - 3e-4 (log), only if unfrozen     phase 2
 ``augment_strength``  0, 0.5, 1 (the cached strengths)        ``pipeline.augmentation_layers``
 ``batch_size``        16, 32, 64                              both phases (through ``fit``)
 ====================  ======================================  ==============================
@@ -134,7 +134,8 @@ __all__ = [
 
 #: Bump when the meaning of the search space changes: a project made with another version
 #: cannot be resumed.
-SPACE_VERSION = 3  # 3: heads standardise (BatchNormalization) pooled block 4 + 5 features
+SPACE_VERSION = 4  # 3: heads standardise (BatchNormalization) pooled block 4 + 5 features;
+#                   4: fine-tuning may open block 3, at 1e-5 - 3e-4
 #: Augmentation strengths with cached features; the ``augment_strength`` hyperparameter picks one.
 CACHED_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 1.0)
 #: Augmented copies of the training set cached per strength (epoch ``e`` uses copy ``e mod K``).
@@ -671,8 +672,8 @@ class _VGGHyperModelMethods:
                  dropout: tuple[float, float] = (0.2, 0.6),
                  optimizers: Sequence[str] = ("adam", "sgd", "rmsprop"),
                  lr_head: tuple[float, float] = (1e-4, 3e-3),
-                 lr_finetune: tuple[float, float] = (1e-6, 1e-4),
-                 unfreeze_blocks: Sequence[int] = (0, 1, 2),
+                 lr_finetune: tuple[float, float] = (1e-5, 3e-4),
+                 unfreeze_blocks: Sequence[int] = (0, 1, 2, 3),
                  strengths: Sequence[float] = CACHED_STRENGTHS,
                  batch_sizes: Sequence[int] = (16, 32, 64),
                  finetune_fraction: float = 0.5, class_weight: bool = True,
@@ -1157,9 +1158,10 @@ def run_search(
     distribution_strategy : tf.distribute.Strategy, "auto" or None
         "auto": :func:`default_distribution_strategy`.
     mixed_precision : "auto" or bool, default "auto"
-        "auto" (or True): float16 compute on a GPU during the search
-        (:func:`models.enable_mixed_precision_if_gpu`), never on a CPU; False: keep Keras's
-        current policy. The previous global policy is restored when the search ends.
+        "auto" (or True): 16-bit compute during the search where it is native
+        (:func:`models.enable_mixed_precision`: float16 on a GPU, bfloat16 on a CPU with
+        AVX512-BF16/AMX, float32 elsewhere); False: keep Keras's current policy. The previous
+        global policy is restored when the search ends.
     max_consecutive_failed_trials : int, default 3
     hypermodel_options : dict, optional
         More keyword arguments for :class:`VGGHyperModel` (e.g. smaller choice lists).
@@ -1233,7 +1235,7 @@ def run_search(
     policy = keras.mixed_precision.global_policy()
     try:
         if mixed_precision and role != "chief":
-            models.enable_mixed_precision_if_gpu()
+            models.enable_mixed_precision()
         strategy = (default_distribution_strategy() if distribution_strategy == "auto"
                     else distribution_strategy)
         hypermodel.distribution_strategy = strategy
@@ -1376,6 +1378,7 @@ def best_model(
     head_from_search: bool = False,
     unfreeze_blocks: int | None = None,
     lr_finetune: float | None = None,
+    optimizer: str | None = None,
 ) -> tuple["keras.Model", dict, dict]:
     """Retrain the best trial's hyperparameters as a full VGG16 classifier on full images.
 
@@ -1383,7 +1386,9 @@ def best_model(
     the cached features, saved in its checkpoint) is transplanted into the classifier and only
     phase 2 (fine-tuning on images) runs — on a CPU this saves ``epochs_head`` passes of VGG16
     over the training images. ``unfreeze_blocks`` and ``lr_finetune`` override the trial's values
-    (e.g. a CPU search over frozen-base heads only, followed by one fine-tuning of the best head).
+    and ``optimizer`` (e.g. a CPU search over frozen-base heads only, followed by one fine-tuning
+    of the best head with Adam: a head searched with SGD at a rate right for a head is not
+    what fine-tunes three blocks of VGG16 well).
 
     The image size, weights (and the seed of a random base) come from the project's
     ``search_settings.json``. Training is :func:`models.train_two_phase` on
@@ -1433,6 +1438,9 @@ def best_model(
     values = {**values, "unfreeze_blocks": unfreeze}
     if lr_finetune is not None:
         values["lr_finetune"] = float(lr_finetune)
+    if optimizer is not None:
+        models.make_optimizer(optimizer)  # a clear error for an unknown name, before any work
+        values["optimizer"] = str(optimizer).strip().lower()
     n_head = epochs_head if epochs_head is not None else prof.epochs_head
     n_tune = epochs_finetune if epochs_finetune is not None else prof.epochs_finetune
     n_tune = n_tune if unfreeze else 0

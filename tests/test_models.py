@@ -263,6 +263,10 @@ def test_two_phase_with_a_pretrained_head_only_fine_tunes(tmp_path):
                                      out_dir=tmp_path, verbose=0)
     assert history["phase"] == [2] and len(history["val_auc"]) == 1
     assert not np.array_equal(model.get_layer("head_dense").get_weights()[0], head_kernel)
+    # a second run into the same folder starts a new log: nothing to append to without phase 1
+    models.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4,
+                           out_dir=tmp_path, verbose=0)
+    assert len((tmp_path / "history.csv").read_text().strip().splitlines()) == 1 + 1
     with pytest.raises(ValueError, match="nothing to train"):
         models.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=0)
 
@@ -422,11 +426,18 @@ def test_describe_device_and_mixed_precision(monkeypatch):
     assert text.startswith(("CPU only", "GPU:")) and "TensorFlow" in text
     original = keras.mixed_precision.global_policy().name
     try:
+        monkeypatch.delenv(models.MIXED_PRECISION_ENV, raising=False)
         monkeypatch.setattr(models, "_gpu_devices", lambda: [])
-        assert models.enable_mixed_precision_if_gpu() is False
-        assert keras.mixed_precision.global_policy().name == original
+        monkeypatch.setattr(models, "cpu_has_native_bfloat16", lambda: False)
+        assert models.enable_mixed_precision() == "float32"
+        assert keras.mixed_precision.global_policy().name == "float32"
+        monkeypatch.setattr(models, "cpu_has_native_bfloat16", lambda: True)
+        assert models.mixed_precision_policy() == "mixed_bfloat16"
+        monkeypatch.setenv(models.MIXED_PRECISION_ENV, "off")
+        assert models.mixed_precision_policy() == "float32"
+        monkeypatch.delenv(models.MIXED_PRECISION_ENV)
         monkeypatch.setattr(models, "_gpu_devices", lambda: ["fake GPU"])
-        assert models.enable_mixed_precision_if_gpu() is True
+        assert models.enable_mixed_precision() == "mixed_float16"
         assert keras.mixed_precision.global_policy().name == "mixed_float16"
         cnn = models.build_cnn(32, filters=(4, 4))
         assert cnn.get_layer("last_conv").dtype_policy.compute_dtype == "float16"
@@ -436,3 +447,41 @@ def test_describe_device_and_mixed_precision(monkeypatch):
         assert vgg.output.dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy(original)
+
+
+def test_cpu_bfloat16_flag_is_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512vl\n")
+    assert models.cpu_has_native_bfloat16(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512vl\n")
+    assert models.cpu_has_native_bfloat16(info) is False
+    assert models.cpu_has_native_bfloat16(tmp_path / "missing") is False
+
+
+def test_a_model_trained_in_bfloat16_is_bundled_in_float32(tmp_path):
+    original = keras.mixed_precision.global_policy().name
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        config.set_seed(0)
+        model, info = models.build_vgg16_classifier(32, weights=None, head_units=4)
+        assert models.compute_dtypes(model) == {"bfloat16", "float32"}
+    finally:
+        keras.mixed_precision.set_global_policy(original)
+    x, y = toy_images(8, size=32)
+    models.compile_binary_classifier(model, 1e-3)
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    plain = models.as_float32(model)
+    assert models.compute_dtypes(plain) == {"float32"}
+    assert models.as_float32(plain) is plain
+    assert plain.count_params() == model.count_params()
+    p16 = np.asarray(model.predict(x, verbose=0)).ravel()
+    p32 = np.asarray(plain.predict(x, verbose=0)).ravel()
+    assert np.abs(p16 - p32).max() < 0.05  # bfloat16 keeps ~3 significant digits
+    folder = models.save_bundle(model, tmp_path / "b", image_size=32, weights_info=info,
+                                profile="smoke")
+    record = json.loads((folder / "bundle.json").read_text())
+    assert record["compute_dtype"] == "float32"
+    assert record["trained_compute_dtypes"] == ["bfloat16", "float32"]
+    bundle = models.load_bundle(folder)
+    assert models.compute_dtypes(bundle.model) == {"float32"}
+    np.testing.assert_allclose(bundle.predict_proba(x), p32, atol=1e-6)

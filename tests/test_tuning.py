@@ -115,7 +115,7 @@ def test_hypermodel_builds_for_sampled_hyperparameters(hypermodel):
         if resolved["unfreeze_blocks"] == 0:
             assert resolved["lr_finetune"] is None  # conditional: only when fine-tuning
         else:
-            assert 1e-6 <= resolved["lr_finetune"] <= 1e-4
+            assert 1e-5 <= resolved["lr_finetune"] <= 3e-4
         seen_unfreeze.add(resolved["unfreeze_blocks"])
     full = hypermodel.build_full_model(resolved)
     for name in tuning.HEAD_LAYERS:  # the head fits into the full classifier
@@ -322,6 +322,23 @@ def test_best_model_can_reuse_the_searched_head(searched, manifest):
                                head.get_layer("fracture_probability").get_weights()[0])
     np.testing.assert_allclose(model.get_layer("head_dense").get_weights()[1],
                                head.get_layer("head_dense").get_weights()[1])
+
+
+def test_best_model_fine_tunes_with_the_recipe_it_is_given(searched, manifest):
+    """The cpu recipe: the searched head, then blocks 3-5 with Adam at the given rate, whatever
+    optimizer and depth the (frozen-base) trial had."""
+    model, values, history = tuning.best_model(searched["project"], manifest, "smoke",
+                                               epochs_finetune=1, head_from_search=True,
+                                               unfreeze_blocks=3, lr_finetune=2e-4,
+                                               optimizer="Adam")
+    assert (values["unfreeze_blocks"], values["lr_finetune"], values["optimizer"]) == (3, 2e-4, "adam")
+    assert history["phase"] == [2]
+    assert history["trainable"][2] == [n for b in (3, 4, 5) for n in models.VGG16_BLOCKS[b]]
+    assert type(model.optimizer).__name__ == "Adam"
+    assert float(model.optimizer.learning_rate) == pytest.approx(2e-4)
+    with pytest.raises(ValueError, match="optimizer"):
+        tuning.best_model(searched["project"], manifest, "smoke", epochs_finetune=1,
+                          head_from_search=True, unfreeze_blocks=3, optimizer="adagrad")
 
 
 @pytest.mark.slow
