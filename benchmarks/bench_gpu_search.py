@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                      "image_size": size, "n_slices": n, "generate_s": generate_s}
     print(figures["device"], flush=True)
 
-    mixed = models.enable_mixed_precision_if_gpu()
-    figures["mixed_precision"] = bool(mixed)
+    policy = models.enable_mixed_precision()  # mixed_float16 on a GPU
+    figures["mixed_precision"] = policy != "float32"
+    figures["dtype_policy"] = policy
     if not args.throughput_only:
         _search(args, prof, size, manifest, work, figures, tuning)
     _throughput(args, size, figures, models, np)

@@ -8,10 +8,10 @@ Overview
     layer are weighted by the spatial mean of the gradient of the fracture score,
     ``heat = ReLU(sum_k w_k A_k)``, upsampled to the input size and scaled to [0, 1].
 :func:`gradcam_layer_name`
-    Which layer to use: ``"block5_conv3"`` for VGG16 (flat, as
-    :func:`cspine_utils.models.build_vgg16_classifier` builds it, or inside a nested VGG16
-    model), ``"last_conv_relu"`` for :func:`cspine_utils.models.build_cnn`, else the last layer
-    with a 4-D (image-like) output.
+    Which layer to use: ``"block4_conv3"`` for the course's VGG16 classifier
+    (:func:`cspine_utils.models.build_vgg16_classifier`, whose head also reads block 4),
+    ``"block5_conv3"`` for a plain VGG16 (flat or nested), ``"last_conv_relu"`` for
+    :func:`cspine_utils.models.build_cnn`, else the last layer with a 4-D (image-like) output.
 :func:`overlay`, :func:`plot_gradcam_gallery`
     Pictures: heatmap over the slice, the true fracture mask outlined.
 :func:`pointing_game`, :func:`heat_in_mask`, :func:`localisation_scores`
@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = [
     "VGG_LAYER",
+    "VGG_SKIP_LAYER",
     "CNN_LAYERS",
     "gradcam_layer_name",
     "gradcam",
@@ -56,8 +57,14 @@ __all__ = [
     "load_mask_like_input",
 ]
 
-#: Grad-CAM layer of VGG16 (its last convolution, 1/16 of the input size).
+#: Grad-CAM layer of a plain VGG16 (its last convolution, 1/16 of the input size).
 VGG_LAYER = "block5_conv3"
+#: Grad-CAM layer of the course's VGG16 classifier (1/8 of the input size). Its head pools block 4
+#: (layer ``"block4_gap"``) as well as block 5, so part of the evidence never reaches
+#: ``block5_conv3``: Grad-CAM there sees only the block-5 half. Everything the head uses flows
+#: through ``block4_conv3`` (block 5 is computed from it), so that is the deepest honest choice.
+VGG_SKIP_LAYER = "block4_conv3"
+VGG_SKIP_TAP = "block4_gap"
 #: Grad-CAM layers of :func:`cspine_utils.models.build_cnn`, in order of preference.
 CNN_LAYERS: tuple[str, ...] = ("last_conv_relu", "last_conv")
 
@@ -82,7 +89,9 @@ def _nested_with(model: "keras.Model", name: str):
 def gradcam_layer_name(model: "keras.Model") -> str:
     """The name of the layer whose feature maps Grad-CAM should use.
 
-    In order: ``"block5_conv3"`` (VGG16's last convolution; also found inside a nested VGG16
+    In order: ``"block4_conv3"`` when the head also reads block 4 (a ``"block4_gap"`` layer, as
+    in :func:`cspine_utils.models.build_vgg16_classifier`; see :data:`VGG_SKIP_LAYER`),
+    ``"block5_conv3"`` (a plain VGG16's last convolution; also found inside a nested VGG16
     model), ``"last_conv_relu"`` then ``"last_conv"`` (:func:`cspine_utils.models.build_cnn`),
     else the last top-level layer with a 4-D output ``(B, h, w, C)`` and ``h, w > 1``.
 
@@ -100,6 +109,8 @@ def gradcam_layer_name(model: "keras.Model") -> str:
         If the model has no layer with image-like output.
     """
     names = {layer.name for layer in model.layers}
+    if VGG_SKIP_TAP in names and VGG_SKIP_LAYER in names:
+        return VGG_SKIP_LAYER
     if VGG_LAYER in names or _nested_with(model, VGG_LAYER) is not None:
         return VGG_LAYER
     for candidate in CNN_LAYERS:

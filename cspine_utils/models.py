@@ -125,7 +125,9 @@ MODEL_FILE = "model.keras"
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT_VERSION = 1
 CNN_GRADCAM_LAYER = "last_conv_relu"
-VGG_GRADCAM_LAYER = "block5_conv3"
+#: Grad-CAM layer of :func:`build_vgg16_classifier`: its head reads pooled block 4 *and* block 5,
+#: so block 4's last convolution is the deepest layer all of the evidence passes through.
+VGG_GRADCAM_LAYER = "block4_conv3"
 VGG16_FEATURE_DIM = 1024  # avg_pool: pooled block 4 (512) + pooled block 5 (512)
 OUTPUT_LAYER = "fracture_probability"
 
@@ -692,8 +694,9 @@ def _vgg16_conv_stack(x: "keras.KerasTensor") -> tuple["keras.KerasTensor", "ker
 
 
 def gradcam_layer_name(model: "keras.Model") -> str:
-    """The layer whose output Grad-CAM should use: ``"block5_conv3"`` (VGG16) or
-    ``"last_conv_relu"`` (:func:`build_cnn`).
+    """The layer whose output Grad-CAM should use: ``"block4_conv3"``
+    (:func:`build_vgg16_classifier`, see :data:`VGG_GRADCAM_LAYER`) or ``"last_conv_relu"``
+    (:func:`build_cnn`).
 
     A Grad-CAM model is then ``keras.Model(model.inputs, [model.get_layer(name).output,
     model.output])``.

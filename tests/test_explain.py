@@ -38,13 +38,17 @@ def test_gradcam_shape_and_range_cnn():
     np.testing.assert_allclose(single[0], heat[0], atol=1e-5)
 
 
-def test_gradcam_vgg_uses_block5_conv3():
+def test_gradcam_of_the_course_vgg_uses_block4_conv3():
+    """Its head reads pooled block 4 and block 5: block4_conv3 is the deepest layer that carries
+    all of the evidence, and both agree on which layer that is."""
     keras.utils.set_random_seed(0)
     model, _ = models.build_vgg16_classifier(SIZE, weights=None)
-    assert explain.gradcam_layer_name(model) == "block5_conv3"
+    assert explain.gradcam_layer_name(model) == models.gradcam_layer_name(model) == "block4_conv3"
     heat = explain.gradcam(model, _images(2))
     assert heat.shape == (2, SIZE, SIZE)
     assert 0.0 <= heat.min() and heat.max() <= 1.0
+    np.testing.assert_allclose(heat, explain.gradcam(model, _images(2), layer_name="block4_conv3"))
+    assert explain.gradcam(model, _images(2), layer_name="block5_conv3").shape == (2, SIZE, SIZE)
 
 
 def _vgg_like(nested: bool) -> "keras.Model":

@@ -98,7 +98,7 @@ def test_vgg16_classifier_shapes_preprocessing_and_gradcam():
     grad_model = keras.Model(model.input, [model.get_layer("block5_conv3").output, model.output])
     maps, probs = grad_model(x)
     assert maps.shape == (2, 2, 2, 512) and probs.shape == (2, 1)
-    assert models.gradcam_layer_name(model) == "block5_conv3"
+    assert models.gradcam_layer_name(model) == "block4_conv3"
     # the base starts frozen, the head trainable
     assert not any(model.get_layer(n).trainable for n in models.VGG16_CONV_LAYERS)
     assert model.get_layer("head_dense").trainable
