@@ -3,7 +3,8 @@
 Measures, at the ``cpu`` profile's 96 px with random weights (weights do not change the speed):
 
 * fine-tuning throughput (images/s) with blocks 3-5 trainable, as notebook 04 fine-tunes;
-* prediction throughput (images/s), as the tuner's feature cache and evaluation predict;
+* prediction throughput (images/s; median of 5 passes), as the tuner's feature cache and
+  evaluation predict;
 
 once per policy, each in a fresh process (Keras' global policy and TensorFlow's kernels are
 per process). The mixed policy is :func:`cspine_utils.models.mixed_precision_policy`:
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -50,9 +52,12 @@ def measure(policy: str, batches: int, batch_size: int) -> dict:
     model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0)
     train = 2 * n / (time.perf_counter() - t0)
     model.predict(x, batch_size=64, verbose=0)
-    t0 = time.perf_counter()
-    model.predict(x, batch_size=64, verbose=0)
-    predict = n / (time.perf_counter() - t0)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        model.predict(x, batch_size=64, verbose=0)
+        times.append(time.perf_counter() - t0)
+    predict = n / statistics.median(times)
     return {"policy": policy, "train_img_s": train, "predict_img_s": predict}
 
 

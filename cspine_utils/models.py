@@ -1588,7 +1588,8 @@ def mixed_precision_policy() -> str:
     * ``"mixed_float16"`` with a GPU (tensor cores; Keras scales the loss);
     * ``"mixed_bfloat16"`` on a CPU with native bfloat16 (:func:`cpu_has_native_bfloat16`).
       On the 2-core AMD EPYC this course is tested on, VGG16 at 96 px fine-tunes (blocks 3-5)
-      at 25 instead of 12.5 images/s and predicts at 69 instead of 25 images/s;
+      1.7-2.1x and predicts 1.2-3.2x faster than in float32
+      (``benchmarks/bench_vgg_precision.py``; the float32 prediction figure is noisy there);
     * ``"float32"`` otherwise, or when ``CSPINE_MIXED_PRECISION`` is ``0``/``off``/``false``/``no``.
 
     Weights stay float32 under both mixed policies; only the arithmetic is 16-bit.
