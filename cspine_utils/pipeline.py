@@ -549,15 +549,16 @@ def make_dataset(
     4. **batch**; the last, smaller batch is kept;
     5. **augment** (``training`` and ``augment_strength > 0`` only) - the Keras layers of
        :func:`augmentation_layers` on whole batches (one vectorised call per batch, each image
-       gets its own random transform), ``num_parallel_calls=AUTOTUNE``;
+       gets its own random transform), one batch at a time;
     6. **prefetch**.
 
     With ``training=False`` the dataset is deterministic and in manifest order. With the same
-    ``seed`` the shuffle order (and so the labels of every batch) is reproducible. The
-    augmentation is seeded too, but its batches are augmented in parallel, so which random
-    draw meets which batch can vary from run to run; for bit-identical batches call
-    ``tf.config.experimental.enable_op_determinism()`` first (tf.data then runs that step
-    serially, ~25 % slower).
+    ``seed`` the training stream is reproducible too: the same shuffle order and the same
+    augmented images, epoch after epoch, in every run. That is why step 5 is not parallel: its
+    seeded generator advances with each call, and parallel calls would take the draws in a
+    different order in every run. It still runs ahead of training (prefetch) at several
+    thousand images/s on 2 cores, far more than any model here consumes
+    (``benchmarks/bench_input_pipeline.py``).
 
     Parameters
     ----------
@@ -630,8 +631,9 @@ def make_dataset(
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=False)
     if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # one batch at a time, so that the seeded draws meet the batches in the same order in
+        # every run (see step 5 above); prefetch still overlaps augmentation with training
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=None)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -313,8 +313,7 @@ def _image_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, training: b
     ds = ds.batch(int(batch_size))
     if training and augment_strength > 0:
         augment = pipeline.augmentation_layers(augment_strength, seed=seed)
-        ds = ds.map(lambda a, b: (augment(a, training=True), b),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda a, b: (augment(a, training=True), b))  # serial: reproducible draws
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
