@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ __all__ = [
     "report_dir",
     "figures_dir",
     "set_seed",
+    "quiet_tensorflow_start",
 ]
 
 
@@ -160,3 +163,57 @@ def set_seed(seed: int) -> None:
     import keras  # noqa: PLC0415 - deliberately lazy
 
     keras.utils.set_random_seed(int(seed))
+
+
+#: TensorFlow's native start-up notices that say nothing a reader needs: absl's note that it logs
+#: to stderr before it is initialised, the oneDNN notice, and "no CUDA driver" on a machine
+#: without a GPU (``models.describe_device`` says that in words).
+BENIGN_NATIVE_NOTICES = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine",
+    "failed call to cuInit",
+)
+
+
+def quiet_tensorflow_start() -> list[str]:
+    """Import TensorFlow and let it look for GPUs without printing its benign native notices.
+
+    TensorFlow's C++ code writes a few lines to the process's stderr while it starts, *before*
+    ``TF_CPP_MIN_LOG_LEVEL`` takes effect (absl logs them ahead of its initialisation), and
+    Jupyter copies them into the first cell's output, where they look like errors. This sets
+    ``TF_CPP_MIN_LOG_LEVEL=2`` (unless set), imports TensorFlow and lists its GPUs with the
+    native stderr (file descriptor 2) sent to a temporary file, then writes back to stderr
+    every line that is **not** one of :data:`BENIGN_NATIVE_NOTICES` - so a real problem (a CUDA
+    library that fails to load on a GPU machine, say) is still shown. Python-level errors and
+    warnings are not affected. Calling it again does nothing more.
+
+    Returns
+    -------
+    list of str
+        The notices that were held back (for a test or a curious reader).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return []
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError):  # pragma: no cover - closed or unusual stderr
+        pass
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow as tf  # noqa: PLC0415 - the point of this function
+
+            tf.config.list_physical_devices("GPU")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        lines = held.read().decode("utf-8", errors="replace").splitlines()
+    benign = [line for line in lines if any(n in line for n in BENIGN_NATIVE_NOTICES)]
+    other = [line for line in lines if line.strip() and line not in benign]
+    if other:
+        print("\n".join(other), file=sys.stderr)
+    return benign

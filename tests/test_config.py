@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -56,3 +59,43 @@ def test_set_seed_makes_python_numpy_and_keras_repeatable():
     assert draw() != first
     with pytest.raises(ValueError, match="seed"):
         config.set_seed(-1)
+
+
+def _run_python(code: str, **env_extra) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_quiet_tensorflow_start_with_real_tensorflow():
+    code = ("import os, sys\n"
+            "from cspine_utils import config\n"
+            "held = config.quiet_tensorflow_start()\n"
+            "assert 'tensorflow' in sys.modules and os.environ['TF_CPP_MIN_LOG_LEVEL'] == '2'\n"
+            "print('held', len(held))\n"
+            "assert config.quiet_tensorflow_start() == []\n"
+            "os.write(2, b'stderr works again\\n')\n")
+    out = _run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert "stderr works again" in out.stderr
+    for notice in config.BENIGN_NATIVE_NOTICES:
+        assert notice not in out.stderr
+
+
+def test_quiet_tensorflow_start_passes_other_native_lines_through(tmp_path):
+    """Only the known benign notices are held back: anything else TensorFlow writes is shown."""
+    fake = tmp_path / "tensorflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import os, types\n"
+        "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see ...\\n')\n"
+        "os.write(2, b'W0000 dso_loader.cc] Could not load dynamic library libcudnn.so.9\\n')\n"
+        "config = types.SimpleNamespace(list_physical_devices=lambda kind: [])\n")
+    code = ("from cspine_utils import config\n"
+            "held = config.quiet_tensorflow_start()\n"
+            "assert len(held) == 1 and 'oneDNN' in held[0], held\n")
+    out = _run_python(code, PYTHONPATH=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "Could not load dynamic library libcudnn.so.9" in out.stderr
+    assert "oneDNN" not in out.stderr
