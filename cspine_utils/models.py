@@ -124,10 +124,6 @@ WEIGHTS_OPTIONS = ("auto", "imagenet", "hed-bsds500", None, "<path to a .h5 / .w
 MODEL_FILE = "model.keras"
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT_VERSION = 1
-CNN_GRADCAM_LAYER = "last_conv_relu"
-#: Grad-CAM layer of :func:`build_vgg16_classifier`: its head reads pooled block 4 *and* block 5,
-#: so block 4's last convolution is the deepest layer all of the evidence passes through.
-VGG_GRADCAM_LAYER = "block4_conv3"
 VGG16_FEATURE_DIM = 1024  # avg_pool: pooled block 4 (512) + pooled block 5 (512)
 OUTPUT_LAYER = "fracture_probability"
 
@@ -695,25 +691,32 @@ def _vgg16_conv_stack(x: "keras.KerasTensor") -> tuple["keras.KerasTensor", "ker
 
 def gradcam_layer_name(model: "keras.Model") -> str:
     """The layer whose output Grad-CAM should use: ``"block4_conv3"``
-    (:func:`build_vgg16_classifier`, see :data:`VGG_GRADCAM_LAYER`) or ``"last_conv_relu"``
+    (:func:`build_vgg16_classifier`, whose head also reads block 4) or ``"last_conv_relu"``
     (:func:`build_cnn`).
 
-    A Grad-CAM model is then ``keras.Model(model.inputs, [model.get_layer(name).output,
-    model.output])``.
+    The choice is :func:`cspine_utils.explain.gradcam_layer_name`'s (one rule for the whole
+    package); this one refuses models it was not made for instead of falling back to their last
+    image-like layer. A Grad-CAM model is then ``keras.Model(model.inputs,
+    [model.get_layer(name).output, model.output])``.
 
     Raises
     ------
     ValueError
-        If the model has neither layer.
+        If the model has none of those layers.
     """
-    names = {layer.name for layer in model.layers}
-    for candidate in (VGG_GRADCAM_LAYER, CNN_GRADCAM_LAYER, "last_conv"):
-        if candidate in names:
-            return candidate
-    raise ValueError(
-        f"model {model.name!r} has no {VGG_GRADCAM_LAYER!r} or {CNN_GRADCAM_LAYER!r} layer; "
-        "build it with build_vgg16_classifier or build_cnn"
-    )
+    from . import explain  # noqa: PLC0415 - explain owns the rule; it imports nothing heavy
+
+    known = (explain.VGG_SKIP_LAYER, explain.VGG_LAYER, *explain.CNN_LAYERS)
+    try:
+        name = explain.gradcam_layer_name(model)
+    except ValueError:
+        name = None
+    if name not in known:
+        raise ValueError(
+            f"model {model.name!r} has no {explain.VGG_SKIP_LAYER!r} or {explain.CNN_LAYERS[0]!r} "
+            "layer; build it with build_vgg16_classifier or build_cnn"
+        )
+    return name
 
 
 def set_vgg_trainable(model: "keras.Model", unfreeze_blocks: int) -> list[str]:
