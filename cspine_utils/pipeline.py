@@ -50,6 +50,7 @@ __all__ = [
     "RandomAffine",
     "augmentation_layers",
     "make_dataset",
+    "shuffle_batch_augment",
     "load_arrays",
 ]
 
@@ -609,7 +610,6 @@ def make_dataset(
     if not np.isfinite(augment_strength) or not 0.0 <= augment_strength <= 2.0:
         raise ValueError(f"augment_strength must be in [0, 2], got {augment_strength!r}")
     do_augment = bool(training) and augment_strength > 0.0
-    augment = augmentation_layers(augment_strength, seed=seed) if do_augment else None
 
     def _load(path: bytes) -> np.ndarray:
         return load_and_preprocess(path.decode("utf-8"), image_size, crop_roi=crop_roi)
@@ -627,12 +627,28 @@ def make_dataset(
         cache_dir = Path(cache)
         cache_dir.mkdir(parents=True, exist_ok=True)
         ds = ds.cache(str(_cache_file(cache_dir, paths, image_size, crop_roi)))
-    if do_shuffle:
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=False)
-    if augment is not None:
-        # one batch at a time, so that the seeded draws meet the batches in the same order in
-        # every run (see step 5 above); prefetch still overlaps augmentation with training
+    return shuffle_batch_augment(ds, len(paths), batch_size, shuffle=do_shuffle,
+                                 augment_strength=augment_strength if do_augment else 0.0,
+                                 seed=seed)
+
+
+def shuffle_batch_augment(ds: "tf.data.Dataset", n: int, batch_size: int, *, shuffle: bool,
+                          augment_strength: float = 0.0, seed: int = 0) -> "tf.data.Dataset":
+    """Steps 3-6 of :func:`make_dataset` on a dataset of single ``(image, label)`` pairs:
+    shuffle (a full buffer of ``n``, reshuffled each epoch, seeded), batch (the last, smaller
+    batch kept), augment (:func:`augmentation_layers` at ``augment_strength``; none at 0) and
+    prefetch. Also used for images already in memory (the tuner's fine-tuning trials).
+
+    The augmentation runs one batch at a time, so that its seeded draws meet the batches in the
+    same order in every run; prefetch still overlaps it with training.
+    """
+    import tensorflow as tf  # noqa: PLC0415
+
+    if shuffle:
+        ds = ds.shuffle(int(n), seed=int(seed), reshuffle_each_iteration=True)
+    ds = ds.batch(int(batch_size), drop_remainder=False)
+    if augment_strength > 0:
+        augment = augmentation_layers(augment_strength, seed=int(seed))
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=None)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -303,18 +303,14 @@ def _train_val(manifest: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame"
 
 def _image_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, training: bool,
                    augment_strength: float = 0.0, seed: int = 0) -> "tf.data.Dataset":
-    """Steps 3-6 of :func:`pipeline.make_dataset` (shuffle, batch, augment, prefetch) on arrays
-    already in memory, so trials do not decode the files again."""
+    """:func:`pipeline.shuffle_batch_augment` on arrays already in memory, so trials do not
+    decode the files again."""
     import tensorflow as tf  # noqa: PLC0415
 
     ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y.astype(np.float32)))
-    if training:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(int(batch_size))
-    if training and augment_strength > 0:
-        augment = pipeline.augmentation_layers(augment_strength, seed=seed)
-        ds = ds.map(lambda a, b: (augment(a, training=True), b))  # serial: reproducible draws
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return pipeline.shuffle_batch_augment(ds, len(x), batch_size, shuffle=training,
+                                          augment_strength=augment_strength if training else 0.0,
+                                          seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
