@@ -43,21 +43,14 @@ from cspine_utils import cli, pipeline  # noqa: E402
 TARGET_RATIO = 5.0  # ours / ImageDataGenerator
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None,
                     help="dataset folder with train/{normal,fracture}/ (default: generate one)")
-    ap.add_argument("--n", type=_positive_int, default=400, help="slices to generate (default 400)")
-    ap.add_argument("--image-size", type=_positive_int, default=96, help="side in pixels (default 96)")
-    ap.add_argument("--batch-size", type=_positive_int, default=32, help="images per batch (default 32)")
-    ap.add_argument("--epochs", type=_positive_int, default=3, help="measured epochs (default 3)")
+    ap.add_argument("--n", type=cli.positive_int, default=400, help="slices to generate (default 400)")
+    ap.add_argument("--image-size", type=cli.positive_int, default=96, help="side in pixels (default 96)")
+    ap.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per batch (default 32)")
+    ap.add_argument("--epochs", type=cli.positive_int, default=3, help="measured epochs (default 3)")
     ap.add_argument("--seed", type=int, default=0, help="seed for generation, shuffling, augmentation")
     return ap.parse_args(argv)
 

@@ -62,22 +62,15 @@ TRIALS = (
 )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="dataset folder (default: generate one)")
-    ap.add_argument("--n", type=_positive_int, default=200, help="slices to generate (default 200)")
-    ap.add_argument("--image-size", type=_positive_int, default=64,
+    ap.add_argument("--n", type=cli.positive_int, default=200, help="slices to generate (default 200)")
+    ap.add_argument("--image-size", type=cli.positive_int, default=64,
                     help="side in pixels (default 64; the cpu profile uses 96)")
-    ap.add_argument("--trials", type=_positive_int, default=3, help="trials per side (default 3)")
-    ap.add_argument("--epochs", type=_positive_int, default=3, help="epochs per trial (default 3)")
-    ap.add_argument("--copies", type=_positive_int, default=tuning.DEFAULT_COPIES,
+    ap.add_argument("--trials", type=cli.positive_int, default=3, help="trials per side (default 3)")
+    ap.add_argument("--epochs", type=cli.positive_int, default=3, help="epochs per trial (default 3)")
+    ap.add_argument("--copies", type=cli.positive_int, default=tuning.DEFAULT_COPIES,
                     help=f"augmented copies cached per strength (default {tuning.DEFAULT_COPIES})")
     ap.add_argument("--weights", default="auto",
                     help="VGG16 weights: auto, imagenet, hed-bsds500, none (timing is the same)")

@@ -20,7 +20,15 @@ from pathlib import Path
 
 from . import config
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type for a count that must be at least 1 (used by the benchmark scripts)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
