@@ -57,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from cspine_utils import models, tuning
 
-    figures: dict = {"backend": keras.backend.backend(), "device": models.describe_device(), "profile": prof.name,
-                     "image_size": size, "n_slices": n, "generate_s": generate_s}
+    figures: dict = {
+        "backend": keras.backend.backend(),
+        "device": models.describe_device(),
+        "profile": prof.name,
+        "image_size": size,
+        "n_slices": n,
+        "generate_s": generate_s,
+    }
     print(figures["device"], flush=True)
 
     policy = models.enable_mixed_precision()  # mixed_float16 on a GPU
@@ -75,23 +81,40 @@ def main(argv: list[str] | None = None) -> int:
 
 def _search(args, prof, size, manifest, work, figures, tuning) -> None:
     t0 = time.perf_counter()
-    table = tuning.run_search(manifest, prof, project_dir=work / "tuner", mode="fresh", kind="hyperband",
-                              max_trials=args.trials or prof.tuner_trials, epochs=args.epochs or prof.tuner_epochs,
-                              image_size=size, seed=0, weights=args.weights, crop_roi=True, copies=2,
-                              cache_dir=work / "cache", distribution_strategy=None, mixed_precision=False,
-                              hypermodel_options={"unfreeze_blocks": (0,)})
+    table = tuning.run_search(
+        manifest,
+        prof,
+        project_dir=work / "tuner",
+        mode="fresh",
+        kind="hyperband",
+        max_trials=args.trials or prof.tuner_trials,
+        epochs=args.epochs or prof.tuner_epochs,
+        image_size=size,
+        seed=0,
+        weights=args.weights,
+        crop_roi=True,
+        copies=2,
+        cache_dir=work / "cache",
+        distribution_strategy=None,
+        mixed_precision=False,
+        hypermodel_options={"unfreeze_blocks": (0,)},
+    )
     figures["search_s"] = round(time.perf_counter() - t0, 1)
     done = table[table["status"] == "COMPLETED"]
     figures["trials"] = int(len(table))
     figures["completed"] = int(len(done))
     figures["median_trial_s"] = round(float(done["seconds"].median()), 2) if len(done) else None
     figures["best_val_auc_random_weights" if args.weights is None else "best_val_auc"] = (
-        round(float(done["score"].max()), 3) if len(done) else None)
+        round(float(done["score"].max()), 3) if len(done) else None
+    )
     n_train = int((manifest["split"] == "train").sum())
     n_val = int((manifest["split"] == "val").sum())
-    print(f"search: {len(table)} trials ({len(done)} completed) in {figures['search_s']} s "
-          f"(includes loading images and caching features of {n_train} train x 3 + {n_val} val images); "
-          f"median trial {figures['median_trial_s']} s", flush=True)
+    print(
+        f"search: {len(table)} trials ({len(done)} completed) in {figures['search_s']} s "
+        f"(includes loading images and caching features of {n_train} train x 3 + {n_val} val images); "
+        f"median trial {figures['median_trial_s']} s",
+        flush=True,
+    )
 
 
 def _throughput(args, size, figures, models, np) -> None:
@@ -110,8 +133,11 @@ def _throughput(args, size, figures, models, np) -> None:
     t0 = time.perf_counter()
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     figures["finetune_img_per_s"] = round(len(x) / (time.perf_counter() - t0), 1)
-    print(f"VGG16 at {size} px: forward {figures['forward_img_per_s']} img/s, fine-tuning (block 5 + head) "
-          f"{figures['finetune_img_per_s']} img/s; mixed precision: {figures['mixed_precision']}", flush=True)
+    print(
+        f"VGG16 at {size} px: forward {figures['forward_img_per_s']} img/s, fine-tuning (block 5 + head) "
+        f"{figures['finetune_img_per_s']} img/s; mixed precision: {figures['mixed_precision']}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

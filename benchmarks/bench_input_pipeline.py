@@ -45,8 +45,9 @@ TARGET_RATIO = 5.0  # ours / ImageDataGenerator
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=None,
-                    help="dataset folder with train/{normal,fracture}/ (default: generate one)")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="dataset folder with train/{normal,fracture}/ (default: generate one)"
+    )
     ap.add_argument("--n", type=cli.positive_int, default=400, help="slices to generate (default 400)")
     ap.add_argument("--image-size", type=cli.positive_int, default=96, help="side in pixels (default 96)")
     ap.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per batch (default 32)")
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
         if args.data is None:
             root = Path(tmp) / "synthetic"
-            rc = cli.main(["data", "synth", "--out", str(root), "--n", str(args.n),
-                           "--seed", str(args.seed), "--quiet"])
+            rc = cli.main(
+                ["data", "synth", "--out", str(root), "--n", str(args.n), "--seed", str(args.seed), "--quiet"]
+            )
             if rc:
                 return rc
         else:
@@ -107,13 +109,27 @@ def main(argv: list[str] | None = None) -> int:
         # -- ImageDataGenerator (Keras 2) ------------------------------------------------------
         t0 = time.perf_counter()
         generator = ImageDataGenerator(
-            rescale=1.0 / 255, rotation_range=8, width_shift_range=0.06, height_shift_range=0.06,
-            zoom_range=0.08, brightness_range=(0.95, 1.05), horizontal_flip=True,
-            fill_mode="constant", cval=0.0)
+            rescale=1.0 / 255,
+            rotation_range=8,
+            width_shift_range=0.06,
+            height_shift_range=0.06,
+            zoom_range=0.08,
+            brightness_range=(0.95, 1.05),
+            horizontal_flip=True,
+            fill_mode="constant",
+            cval=0.0,
+        )
         iterator = generator.flow_from_directory(
-            str(folder), target_size=(size, size), color_mode="grayscale",
-            classes=list(pipeline.CLASS_NAMES), class_mode="binary", batch_size=args.batch_size,
-            shuffle=True, seed=args.seed, interpolation="bilinear")
+            str(folder),
+            target_size=(size, size),
+            color_mode="grayscale",
+            classes=list(pipeline.CLASS_NAMES),
+            class_mode="binary",
+            batch_size=args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            interpolation="bilinear",
+        )
         setup_idg = time.perf_counter() - t0
         if iterator.samples == 0:
             print(f"no images found under {folder}", file=sys.stderr)
@@ -128,35 +144,46 @@ def main(argv: list[str] | None = None) -> int:
         # -- ours: the same files, through make_dataset ----------------------------------------
         import pandas as pd  # noqa: PLC0415
 
-        manifest = pd.DataFrame({
-            "path": [str(Path(p).resolve()) for p in iterator.filepaths],
-            "label": [pipeline.CLASS_NAMES[c] for c in iterator.classes],
-        })
+        manifest = pd.DataFrame(
+            {
+                "path": [str(Path(p).resolve()) for p in iterator.filepaths],
+                "label": [pipeline.CLASS_NAMES[c] for c in iterator.classes],
+            }
+        )
         t0 = time.perf_counter()
-        dataset = pipeline.make_dataset(manifest, size, args.batch_size, training=True,
-                                        augment_strength=1.0, cache=True, seed=args.seed)
+        dataset = pipeline.make_dataset(
+            manifest, size, args.batch_size, training=True, augment_strength=1.0, cache=True, seed=args.seed
+        )
         setup_ours = time.perf_counter() - t0
         runs_ours = time_epochs(lambda: iter(dataset), args.epochs, size)
 
     # -- report ----------------------------------------------------------------------------------
     e = args.epochs
-    print(f"{iterator.samples} images ({root.name}/train), {size}x{size} grayscale, batch {args.batch_size}, "
-          f"{e} epoch(s), {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}")
-    print(f"setup, not timed: ImageDataGenerator {setup_idg:.2f} s, ours {setup_ours:.2f} s "
-          "(build the tf.data graph, trace the functions)")
+    print(
+        f"{iterator.samples} images ({root.name}/train), {size}x{size} grayscale, batch {args.batch_size}, "
+        f"{e} epoch(s), {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}"
+    )
+    print(
+        f"setup, not timed: ImageDataGenerator {setup_idg:.2f} s, ours {setup_ours:.2f} s "
+        "(build the tf.data graph, trace the functions)"
+    )
     print(f"{'epoch':>5}  {'ImageDataGenerator':>18}  {'ours':>11}  {'ratio':>6}")
     for i, ((n_a, t_a), (n_b, t_b)) in enumerate(zip(runs_idg, runs_ours), start=1):
         note = "  (ours decodes and fills the cache)" if i == 1 else ""
         print(f"{i:>5}  {n_a / t_a:>12.0f} img/s  {n_b / t_b:>5.0f} img/s  {(n_b / t_b) / (n_a / t_a):>5.1f}x{note}")
     first_idg, first_ours = rate(runs_idg[:1]), rate(runs_ours[:1])
-    print(f"first epoch: ImageDataGenerator {first_idg:.0f} img/s, ours {first_ours:.0f} img/s "
-          f"({first_ours / first_idg:.1f}x)")
+    print(
+        f"first epoch: ImageDataGenerator {first_idg:.0f} img/s, ours {first_ours:.0f} img/s "
+        f"({first_ours / first_idg:.1f}x)"
+    )
     steady = None
     if e > 1:
         steady_idg, steady_ours = rate(runs_idg[1:]), rate(runs_ours[1:])
         steady = steady_ours / steady_idg
-        print(f"steady state (epochs 2-{e}): ImageDataGenerator {steady_idg:.0f} img/s, "
-              f"ours {steady_ours:.0f} img/s ({steady:.1f}x)")
+        print(
+            f"steady state (epochs 2-{e}): ImageDataGenerator {steady_idg:.0f} img/s, "
+            f"ours {steady_ours:.0f} img/s ({steady:.1f}x)"
+        )
     all_idg, all_ours = rate(runs_idg), rate(runs_ours)
     ratio = all_ours / all_idg
     print(f"all {e} epoch(s): ImageDataGenerator {all_idg:.0f} img/s, ours {all_ours:.0f} img/s")
@@ -165,11 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     def verdict(value: float) -> str:
         return f"{value:.1f}x {'met' if value >= TARGET_RATIO else 'NOT met'}"
 
-    print(f"target >= {TARGET_RATIO:.0f}x: over all {e} epoch(s) {verdict(ratio)}"
-          + (f"; steady state {verdict(steady)}" if steady is not None else ""))
+    print(
+        f"target >= {TARGET_RATIO:.0f}x: over all {e} epoch(s) {verdict(ratio)}"
+        + (f"; steady state {verdict(steady)}" if steady is not None else "")
+    )
     if ratio < TARGET_RATIO:
-        print("  (the first epoch decodes every file with the same PIL reader as ImageDataGenerator, "
-              "so the overall ratio grows with the number of epochs)")
+        print(
+            "  (the first epoch decodes every file with the same PIL reader as ImageDataGenerator, "
+            "so the overall ratio grows with the number of epochs)"
+        )
     return 0
 
 

@@ -76,20 +76,31 @@ def main(argv: list[str] | None = None) -> int:
     if (bundle_dir / "bundle.json").is_file():
         print(f"bundle: {bundle_dir} (trained, from notebook 04)")
     else:
-        print(f"bundle: no trained VGG16 bundle at {bundle_dir}; building an UNTRAINED VGG16 "
-              f"classifier ({SIZE} px, weights=None) - same architecture, so the same speed")
+        print(
+            f"bundle: no trained VGG16 bundle at {bundle_dir}; building an UNTRAINED VGG16 "
+            f"classifier ({SIZE} px, weights=None) - same architecture, so the same speed"
+        )
         model, info = models.build_vgg16_classifier(SIZE, weights=None)
-        bundle_dir = models.save_bundle(model, Path(tmp.name) / "models" / "vgg16", image_size=SIZE,
-                                        threshold=0.5, preprocessing={"crop_roi": False},
-                                        weights_info=info, profile="cpu", name="vgg16")
+        bundle_dir = models.save_bundle(
+            model,
+            Path(tmp.name) / "models" / "vgg16",
+            image_size=SIZE,
+            threshold=0.5,
+            preprocessing={"crop_roi": False},
+            weights_info=info,
+            profile="cpu",
+            name="vgg16",
+        )
         del model
     size_mb = (bundle_dir / "model.keras").stat().st_size / 2**20
 
     # A cold load: a fresh process that has imported Keras but never built or loaded a model.
     import subprocess  # noqa: PLC0415
 
-    code = ("import time, keras; from cspine_utils import models; t = time.perf_counter(); "
-            f"models.load_bundle({str(bundle_dir)!r}); print(time.perf_counter() - t)")
+    code = (
+        "import time, keras; from cspine_utils import models; t = time.perf_counter(); "
+        f"models.load_bundle({str(bundle_dir)!r}); print(time.perf_counter() - t)"
+    )
     cold = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     cold_load = float(cold.stdout.strip().splitlines()[-1]) if cold.returncode == 0 else float("nan")
 
@@ -110,14 +121,30 @@ def main(argv: list[str] | None = None) -> int:
     x = pipeline.load_and_preprocess(path, bundle.image_size)[None]
 
     rows = []
-    rows.append(("model only: Bundle.predict_proba (model.predict), 1 image",
-                 timed(lambda: bundle.predict_proba(x), args.runs)[0]))
-    rows.append(("model only: predict.probabilities (predict_on_batch), 1 image",
-                 timed(lambda: predict.probabilities(bundle, x, 1), args.runs)[0]))
-    rows.append(("file -> probability: predict.predict_bytes",
-                 timed(lambda: predict.predict_bytes("slice.png", png, bundle), args.runs)[0]))
-    rows.append(("file -> probability + Grad-CAM (predict_bytes, gradcam=True)",
-                 timed(lambda: predict.predict_bytes("slice.png", png, bundle, gradcam=True), args.runs)[0]))
+    rows.append(
+        (
+            "model only: Bundle.predict_proba (model.predict), 1 image",
+            timed(lambda: bundle.predict_proba(x), args.runs)[0],
+        )
+    )
+    rows.append(
+        (
+            "model only: predict.probabilities (predict_on_batch), 1 image",
+            timed(lambda: predict.probabilities(bundle, x, 1), args.runs)[0],
+        )
+    )
+    rows.append(
+        (
+            "file -> probability: predict.predict_bytes",
+            timed(lambda: predict.predict_bytes("slice.png", png, bundle), args.runs)[0],
+        )
+    )
+    rows.append(
+        (
+            "file -> probability + Grad-CAM (predict_bytes, gradcam=True)",
+            timed(lambda: predict.predict_bytes("slice.png", png, bundle, gradcam=True), args.runs)[0],
+        )
+    )
 
     app = gui.build_app(Path(bundle_dir).parent)
     app.model_dropdown.value = Path(bundle_dir).name
@@ -127,17 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         app.clear()
         app.predict_bytes("slice.png", png)
 
-    rows.append(("GUI: App.predict_bytes, cards rendered, no Grad-CAM",
-                 timed(lambda: gui_once(False), args.runs)[0]))
-    rows.append(("GUI: App.predict_bytes, cards rendered, with Grad-CAM",
-                 timed(lambda: gui_once(True), args.runs)[0]))
+    rows.append(("GUI: App.predict_bytes, cards rendered, no Grad-CAM", timed(lambda: gui_once(False), args.runs)[0]))
+    rows.append(("GUI: App.predict_bytes, cards rendered, with Grad-CAM", timed(lambda: gui_once(True), args.runs)[0]))
 
-    print(f"\nmodel.keras {size_mb:.1f} MB, input {bundle.image_size} px, "
-          f"{bundle.model.count_params():,} parameters")
+    print(f"\nmodel.keras {size_mb:.1f} MB, input {bundle.image_size} px, {bundle.model.count_params():,} parameters")
     worst = max(cold_load, first_load, load_med)
-    print(f"{'model load (load_bundle)':30s} cold (fresh process) {cold_load:5.2f} s, first here "
-          f"{first_load:5.2f} s, median of {args.load_runs}: {load_med:5.2f} s  budget "
-          f"{LOAD_BUDGET_S:.0f} s  {'OK' if worst <= LOAD_BUDGET_S else 'OVER'}")
+    print(
+        f"{'model load (load_bundle)':30s} cold (fresh process) {cold_load:5.2f} s, first here "
+        f"{first_load:5.2f} s, median of {args.load_runs}: {load_med:5.2f} s  budget "
+        f"{LOAD_BUDGET_S:.0f} s  {'OK' if worst <= LOAD_BUDGET_S else 'OVER'}"
+    )
     print(f"{'first prediction after load (graph tracing, once)':60s} {first_predict * 1000:7.0f} ms")
     print(f"\nper image, median of {args.runs} runs (budget {PREDICT_BUDGET_MS:.0f} ms):")
     for label, seconds in rows:

@@ -47,18 +47,29 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 
-from cspine_utils import cli, data, models, pipeline, tuning  # noqa: E402
+from cspine_utils import cli, data, models, tuning  # noqa: E402
 
 TARGET_RATIO = 10.0
 
 #: The trials both sides run (cycled when --trials > 3). All keep the base frozen.
 TRIALS = (
-    {"head_units": 128, "dropout": 0.4, "optimizer": "adam", "lr_head": 1e-3,
-     "augment_strength": 0.0, "batch_size": 32},
-    {"head_units": 64, "dropout": 0.3, "optimizer": "rmsprop", "lr_head": 5e-4,
-     "augment_strength": 0.5, "batch_size": 16},
-    {"head_units": 256, "dropout": 0.5, "optimizer": "sgd", "lr_head": 2e-3,
-     "augment_strength": 1.0, "batch_size": 32},
+    {
+        "head_units": 128,
+        "dropout": 0.4,
+        "optimizer": "adam",
+        "lr_head": 1e-3,
+        "augment_strength": 0.0,
+        "batch_size": 32,
+    },
+    {
+        "head_units": 64,
+        "dropout": 0.3,
+        "optimizer": "rmsprop",
+        "lr_head": 5e-4,
+        "augment_strength": 0.5,
+        "batch_size": 16,
+    },
+    {"head_units": 256, "dropout": 0.5, "optimizer": "sgd", "lr_head": 2e-3, "augment_strength": 1.0, "batch_size": 32},
 )
 
 
@@ -66,34 +77,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="dataset folder (default: generate one)")
     ap.add_argument("--n", type=cli.positive_int, default=200, help="slices to generate (default 200)")
-    ap.add_argument("--image-size", type=cli.positive_int, default=64,
-                    help="side in pixels (default 64; the cpu profile uses 96)")
+    ap.add_argument(
+        "--image-size", type=cli.positive_int, default=64, help="side in pixels (default 64; the cpu profile uses 96)"
+    )
     ap.add_argument("--trials", type=cli.positive_int, default=3, help="trials per side (default 3)")
     ap.add_argument("--epochs", type=cli.positive_int, default=3, help="epochs per trial (default 3)")
-    ap.add_argument("--copies", type=cli.positive_int, default=tuning.DEFAULT_COPIES,
-                    help=f"augmented copies cached per strength (default {tuning.DEFAULT_COPIES})")
-    ap.add_argument("--weights", default="auto",
-                    help="VGG16 weights: auto, imagenet, hed-bsds500, none (timing is the same)")
+    ap.add_argument(
+        "--copies",
+        type=cli.positive_int,
+        default=tuning.DEFAULT_COPIES,
+        help=f"augmented copies cached per strength (default {tuning.DEFAULT_COPIES})",
+    )
+    ap.add_argument(
+        "--weights", default="auto", help="VGG16 weights: auto, imagenet, hed-bsds500, none (timing is the same)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
 
-def naive_trial(values: dict, arrays, image_size: int, info: models.WeightsInfo, epochs: int,
-                seed: int) -> float:
+def naive_trial(values: dict, arrays, image_size: int, info: models.WeightsInfo, epochs: int, seed: int) -> float:
     """Full classifier, base frozen, trained on images; returns the best validation AUC."""
     import keras  # noqa: PLC0415
 
     x_train, y_train, x_val, y_val = arrays
-    model, _ = models.build_vgg16_classifier(image_size, weights=info,
-                                             head_units=values["head_units"],
-                                             dropout=values["dropout"])
+    model, _ = models.build_vgg16_classifier(
+        image_size, weights=info, head_units=values["head_units"], dropout=values["dropout"]
+    )
     models.set_vgg_trainable(model, 0)
     tuning.compile_for_search(model, values["lr_head"], values["optimizer"])
-    train = tuning._image_dataset(x_train, y_train, values["batch_size"], training=True,
-                                  augment_strength=values["augment_strength"], seed=seed)
+    train = tuning._image_dataset(
+        x_train, y_train, values["batch_size"], training=True, augment_strength=values["augment_strength"], seed=seed
+    )
     val = tuning._image_dataset(x_val, y_val, values["batch_size"], training=False)
-    history = model.fit(train, validation_data=val, epochs=epochs, shuffle=False, verbose=0,
-                        class_weight=models.class_weights_from_labels(y_train))
+    history = model.fit(
+        train,
+        validation_data=val,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        class_weight=models.class_weights_from_labels(y_train),
+    )
     del model
     keras.backend.clear_session()
     return max(history.history["val_auc"])
@@ -109,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_tuner_") as tmp:
         if args.data is None:
             root = Path(tmp) / "synthetic"
-            rc = cli.main(["data", "synth", "--out", str(root), "--n", str(args.n),
-                           "--seed", str(args.seed), "--quiet"])
+            rc = cli.main(
+                ["data", "synth", "--out", str(root), "--n", str(args.n), "--seed", str(args.seed), "--quiet"]
+            )
             if rc:
                 return rc
         else:
@@ -129,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- cached: build the cache once -----------------------------------------------------------
     cache = tuning.FeatureCache(size, info, copies=args.copies, seed=config_seed)
-    hypermodel = tuning.VGGHyperModel(size, info, feature_cache=cache, seed=config_seed,
-                                      strengths=strengths, unfreeze_blocks=(0,))
+    hypermodel = tuning.VGGHyperModel(
+        size, info, feature_cache=cache, seed=config_seed, strengths=strengths, unfreeze_blocks=(0,)
+    )
     keras.utils.set_random_seed(config_seed)
     t0 = time.perf_counter()
     for s in strengths:
@@ -157,32 +182,47 @@ def main(argv: list[str] | None = None) -> int:
         naive_times.append(time.perf_counter() - t0)
 
     # -- report ----------------------------------------------------------------------------------
-    print(f"{n_train} training + {n_val} validation slices ({root.name}), {size}x{size}, "
-          f"{len(trials)} frozen-base trial(s) x {args.epochs} epoch(s), {os.cpu_count()} CPU cores, "
-          f"{models.describe_device().split(';')[0]}, TensorFlow {tf.__version__}")
+    print(
+        f"{n_train} training + {n_val} validation slices ({root.name}), {size}x{size}, "
+        f"{len(trials)} frozen-base trial(s) x {args.epochs} epoch(s), {os.cpu_count()} CPU cores, "
+        f"{models.describe_device().split(';')[0]}, TensorFlow {tf.__version__}"
+    )
     print(f"weights: {info.description}")
-    print(f"cache build (one-off): {build:.1f} s = {passes_train} pass(es) over the training set "
-          f"(strengths {', '.join(f'{s:g}' for s in strengths)}; {args.copies} augmented copies each) "
-          f"+ 1 over the validation set, including building the extractor")
-    print(f"{'trial':>5}  {'strength':>8}  {'batch':>5}  {'naive s':>8}  {'cached s':>8}  {'ratio':>6}"
-          f"  {'val_auc naive / cached':>22}")
-    for i, (values, tn, tc, an, ac) in enumerate(zip(trials, naive_times, cached_times, naive_auc,
-                                                      cached_auc), start=1):
-        print(f"{i:>5}  {values['augment_strength']:>8g}  {values['batch_size']:>5}  {tn:>8.2f}  "
-              f"{tc:>8.2f}  {tn / tc:>5.1f}x  {an:>10.3f} / {ac:.3f}")
+    print(
+        f"cache build (one-off): {build:.1f} s = {passes_train} pass(es) over the training set "
+        f"(strengths {', '.join(f'{s:g}' for s in strengths)}; {args.copies} augmented copies each) "
+        f"+ 1 over the validation set, including building the extractor"
+    )
+    print(
+        f"{'trial':>5}  {'strength':>8}  {'batch':>5}  {'naive s':>8}  {'cached s':>8}  {'ratio':>6}"
+        f"  {'val_auc naive / cached':>22}"
+    )
+    for i, (values, tn, tc, an, ac) in enumerate(
+        zip(trials, naive_times, cached_times, naive_auc, cached_auc), start=1
+    ):
+        print(
+            f"{i:>5}  {values['augment_strength']:>8g}  {values['batch_size']:>5}  {tn:>8.2f}  "
+            f"{tc:>8.2f}  {tn / tc:>5.1f}x  {an:>10.3f} / {ac:.3f}"
+        )
     mean_naive = sum(naive_times) / len(trials)
     mean_cached = sum(cached_times) / len(trials)
     ratio = mean_naive / mean_cached
     amortised = sum(naive_times) / (sum(cached_times) + build)
-    print(f"seconds per trial: naive {mean_naive:.2f} s, cached {mean_cached:.2f} s "
-          f"(+ {build / len(trials):.2f} s of cache build per trial when amortised over {len(trials)})")
+    print(
+        f"seconds per trial: naive {mean_naive:.2f} s, cached {mean_cached:.2f} s "
+        f"(+ {build / len(trials):.2f} s of cache build per trial when amortised over {len(trials)})"
+    )
     print(f"ratio (naive / cached): {ratio:.1f}x   [excluding the one-off cache build]")
-    print(f"amortised ratio (naive / (cached + build)): {amortised:.1f}x   "
-          f"[including the cache build, spread over {len(trials)} trial(s)]")
+    print(
+        f"amortised ratio (naive / (cached + build)): {amortised:.1f}x   "
+        f"[including the cache build, spread over {len(trials)} trial(s)]"
+    )
     saved = mean_naive - mean_cached
     if saved > 0:
-        print(f"the cache pays for itself after {build / saved:.1f} trial(s); with more trials "
-              f"the amortised ratio approaches {ratio:.1f}x")
+        print(
+            f"the cache pays for itself after {build / saved:.1f} trial(s); with more trials "
+            f"the amortised ratio approaches {ratio:.1f}x"
+        )
     print(f"target >= {TARGET_RATIO:.0f}x (excluding the build): {'met' if ratio >= TARGET_RATIO else 'NOT met'}")
     return 0
 

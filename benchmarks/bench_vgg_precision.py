@@ -83,16 +83,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {}
     for policy in ("float32", mixed):
-        out = subprocess.run([sys.executable, __file__, "--child", policy, "--batches",
-                              str(args.batches), "--batch-size", str(args.batch_size)],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                policy,
+                "--batches",
+                str(args.batches),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         results[policy] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[policy]
-        print(f"{policy:>15}: fine-tuning blocks 3-5 {r['train_img_s']:6.1f} img/s, "
-              f"predict {r['predict_img_s']:6.1f} img/s ({SIZE} px)")
+        print(
+            f"{policy:>15}: fine-tuning blocks 3-5 {r['train_img_s']:6.1f} img/s, "
+            f"predict {r['predict_img_s']:6.1f} img/s ({SIZE} px)"
+        )
     base, fast = results["float32"], results[mixed]
-    print(f"speed-up with {mixed}: fine-tuning {fast['train_img_s'] / base['train_img_s']:.2f}x, "
-          f"prediction {fast['predict_img_s'] / base['predict_img_s']:.2f}x")
+    print(
+        f"speed-up with {mixed}: fine-tuning {fast['train_img_s'] / base['train_img_s']:.2f}x, "
+        f"prediction {fast['predict_img_s'] / base['predict_img_s']:.2f}x"
+    )
     return 0
 
 

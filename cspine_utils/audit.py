@@ -89,7 +89,8 @@ BRIGHT_LEVEL = 0.6  # grey level (0-1) above which a pixel counts as bright (bon
 DARK_LEVEL = 0.02  # grey level below which a pixel counts as padding/air
 _PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 STAT_FEATURES = (
-    ["mean", "std"] + [f"p{q:02d}" for q in _PERCENTILES]
+    ["mean", "std"]
+    + [f"p{q:02d}" for q in _PERCENTILES]
     + ["bright_fraction", "dark_fraction", "width", "height", "aspect", "colour_mode"]
 )
 _GREY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "F", "1"}
@@ -153,12 +154,20 @@ class AuditReport:
     def to_dict(self) -> dict:
         """Everything as plain JSON types (tables as lists of records, NaN as ``None``)."""
         out = {
-            "root": self.root, "layout": self.layout, "seed": self.seed,
-            "n_files": self.n_files, "n_rejected": self.n_rejected, "n_groups": self.n_groups,
-            "labels": list(self.labels), "leaking_groups": list(self.leaking_groups),
-            "shortcut_auc": self.shortcut_auc, "shortcut_alarm": self.shortcut_alarm,
-            "shortcut_threshold": self.shortcut_threshold, "shortcut_method": self.shortcut_method,
-            "shortcut_n_images": self.shortcut_n_images, "copies_per_group": self.copies_per_group,
+            "root": self.root,
+            "layout": self.layout,
+            "seed": self.seed,
+            "n_files": self.n_files,
+            "n_rejected": self.n_rejected,
+            "n_groups": self.n_groups,
+            "labels": list(self.labels),
+            "leaking_groups": list(self.leaking_groups),
+            "shortcut_auc": self.shortcut_auc,
+            "shortcut_alarm": self.shortcut_alarm,
+            "shortcut_threshold": self.shortcut_threshold,
+            "shortcut_method": self.shortcut_method,
+            "shortcut_n_images": self.shortcut_n_images,
+            "copies_per_group": self.copies_per_group,
             "n_exact_duplicates": self.n_exact_duplicates,
             "n_near_duplicate_clusters": self.n_near_duplicate_clusters,
             "warnings": list(self.warnings),
@@ -174,11 +183,15 @@ class AuditReport:
         lines.append(
             f"  {self.n_files} images, {self.n_rejected} rejected, classes: {', '.join(self.labels) or 'none'}, "
             f"{self.n_groups} source groups (files per group: median {cpg.get('median', 0):g}, "
-            f"max {cpg.get('max', 0):g})")
+            f"max {cpg.get('max', 0):g})"
+        )
         lines += ["", "Counts (label x split)", _indent(self.tables["counts"].to_string())]
         sizes = self.tables["sizes"]
-        lines += ["", "Image sizes and modes (files per class)",
-                  _indent(sizes.head(15).to_string(index=False) if len(sizes) else "(none)")]
+        lines += [
+            "",
+            "Image sizes and modes (files per class)",
+            _indent(sizes.head(15).to_string(index=False) if len(sizes) else "(none)"),
+        ]
         if len(sizes) > 15:
             lines.append(f"    ... {len(sizes) - 15} more sizes")
         lines += ["", f"Rejected files: {self.n_rejected}"]
@@ -195,9 +208,14 @@ class AuditReport:
         lines.append(f"Near-duplicate clusters (perceptual hash): {self.n_near_duplicate_clusters}")
         if near is not None and len(near):
             big = int(near["n_files"].max())
-            lines.append(f"    largest: {big} files ({near.iloc[0]['example']}, ...)"
-                         + (" - hashes of CT slices are alike, so large clusters also join unrelated slices"
-                            if big > 0.2 * self.n_files else ""))
+            lines.append(
+                f"    largest: {big} files ({near.iloc[0]['example']}, ...)"
+                + (
+                    " - hashes of CT slices are alike, so large clusters also join unrelated slices"
+                    if big > 0.2 * self.n_files
+                    else ""
+                )
+            )
         lines += ["", f"Cross-split leakage: {len(self.leaking_groups)} groups in more than one split"]
         if self.leaking_groups:
             lines.append(_indent(self.tables["leakage"].head(10).to_string(index=False)))
@@ -207,10 +225,17 @@ class AuditReport:
         if self.shortcut_auc is None:
             lines.append(f"  not computed: {self.shortcut_method}")
         else:
-            verdict = ("ALARM" if self.shortcut_alarm else
-                       "partial shortcut" if self.shortcut_auc >= PARTIAL_SHORTCUT_AUC else "ok")
-            lines.append(f"  out-of-fold ROC AUC = {self.shortcut_auc:.3f} (alarm at >= {self.shortcut_threshold:.2f}): "
-                         f"{verdict}")
+            verdict = (
+                "ALARM"
+                if self.shortcut_alarm
+                else "partial shortcut"
+                if self.shortcut_auc >= PARTIAL_SHORTCUT_AUC
+                else "ok"
+            )
+            lines.append(
+                f"  out-of-fold ROC AUC = {self.shortcut_auc:.3f} (alarm at >= {self.shortcut_threshold:.2f}): "
+                f"{verdict}"
+            )
             lines.append(f"  {self.shortcut_method}")
             feats = self.tables.get("shortcut_features")
             if feats is not None and len(feats):
@@ -227,9 +252,15 @@ class AuditReport:
 # --------------------------------------------------------------------------------------------
 # The audit
 # --------------------------------------------------------------------------------------------
-def audit_dataset(data_dir_or_discovery, seed: int = 0, max_files: int | None = None, *,
-                  threshold: float = SHORTCUT_AUC_THRESHOLD, group_method: str = "auto",
-                  workers: int | None = None) -> AuditReport:
+def audit_dataset(
+    data_dir_or_discovery,
+    seed: int = 0,
+    max_files: int | None = None,
+    *,
+    threshold: float = SHORTCUT_AUC_THRESHOLD,
+    group_method: str = "auto",
+    workers: int | None = None,
+) -> AuditReport:
     """Audit a dataset folder (or the result of :func:`cspine_utils.data.discover`).
 
     Parameters
@@ -310,15 +341,18 @@ def audit_dataset(data_dir_or_discovery, seed: int = 0, max_files: int | None = 
     if len(rejected):
         reasons = rejected["reason"].astype(str).str.split(":").str[0].value_counts()
         summary = "; ".join(f"{n} x {r}" for r, n in reasons.head(3).items())
-        warnings.append(f"{len(rejected)} files were rejected and will not be used ({summary}); "
-                        "see the 'rejected' table.")
+        warnings.append(
+            f"{len(rejected)} files were rejected and will not be used ({summary}); see the 'rejected' table."
+        )
 
     manifest["sha256"] = _map_threads(file_sha256, manifest["path"].tolist(), workers)
     duplicates = duplicate_table(manifest)
     n_dup_files = int(duplicates["n_files"].sum() - len(duplicates)) if len(duplicates) else 0
     if len(duplicates):
-        msg = (f"{len(duplicates)} sets of exact duplicates ({n_dup_files} redundant files): identical "
-               "bytes under several names")
+        msg = (
+            f"{len(duplicates)} sets of exact duplicates ({n_dup_files} redundant files): identical "
+            "bytes under several names"
+        )
         conflicting = duplicates[duplicates["labels"].str.contains(",")]
         if len(conflicting):
             msg += f"; {len(conflicting)} sets are filed under both labels (contradictory labels)"
@@ -340,25 +374,31 @@ def audit_dataset(data_dir_or_discovery, seed: int = 0, max_files: int | None = 
 
     groups = manifest.groupby("group").size()
     cpg = {"median": float(groups.median()), "mean": round(float(groups.mean()), 2), "max": int(groups.max())}
-    group_table = (manifest.groupby("group")
-                   .agg(n_files=("path", "size"), labels=("label", _joined), splits=("split", _joined))
-                   .sort_values("n_files", ascending=False).reset_index())
+    group_table = (
+        manifest.groupby("group")
+        .agg(n_files=("path", "size"), labels=("label", _joined), splits=("split", _joined))
+        .sort_values("n_files", ascending=False)
+        .reset_index()
+    )
     largest = groups.idxmax()
     if len(manifest) >= 20 and groups.max() > 0.5 * len(manifest):
         warnings.append(
             f"one source group ('{largest}') holds {groups.max()} of {len(manifest)} files: the grouping "
             "looks over-merged (perceptual hashes of CT slices are alike and chain unrelated images). "
-            "Leakage and grouped splits are unreliable; try group_method='name' (CLI: --group-method name).")
+            "Leakage and grouped splits are unreliable; try group_method='name' (CLI: --group-method name)."
+        )
     evidence = _augmentation_evidence(manifest, near_table)
     cpg.update(evidence)
     if cpg["median"] >= MANY_COPIES_PER_GROUP and (
-            evidence["augmented_name_share"] >= 0.2 or evidence["exact_duplicate_share"] >= 0.2):
+        evidence["augmented_name_share"] >= 0.2 or evidence["exact_duplicate_share"] >= 0.2
+    ):
         warnings.append(
             f"{len(manifest)} files come from only {len(groups)} source groups (median {cpg['median']:g} "
             f"files each, up to {cpg['max']}; {evidence['augmented_name_share']:.0%} of the names say "
             f"rotated/sharpened/..., {evidence['exact_duplicate_share']:.0%} of the files are exact "
             "copies): the set looks pre-augmented. Split and cross-validate by group, never by file, and "
-            "count groups - not files - as your sample size.")
+            "count groups - not files - as your sample size."
+        )
 
     leaking = sorted(str(g) for g in data.cross_split_leakage(manifest))
     leak_table = group_table[group_table["group"].isin(leaking)].reset_index(drop=True)
@@ -368,7 +408,8 @@ def audit_dataset(data_dir_or_discovery, seed: int = 0, max_files: int | None = 
         warnings.append(
             f"cross-split leakage: {len(leaking)} source groups ({n_files} files) appear in more than one "
             f"split: {names}. Validation scores on these splits are inflated; re-split by group "
-            "(data.assign_groups + a grouped split).")
+            "(data.assign_groups + a grouped split)."
+        )
 
     auc, method, n_used, feat_table = None, "", 0, pd.DataFrame(columns=["feature", "auc"])
     if len(labels) < 2:
@@ -380,7 +421,7 @@ def audit_dataset(data_dir_or_discovery, seed: int = 0, max_files: int | None = 
             y = (manifest.loc[ok, "label"].to_numpy() == _positive_label(labels)).astype(int)
             auc, method = shortcut_auc(X, y, cv_groups[ok], seed=seed)
             n_used = len(ok)
-            feat_table = _single_feature_aucs(X[:, -len(STAT_FEATURES):], y)
+            feat_table = _single_feature_aucs(X[:, -len(STAT_FEATURES) :], y)
         else:
             method = "no image could be read"
     if auc is not None:
@@ -392,19 +433,38 @@ def audit_dataset(data_dir_or_discovery, seed: int = 0, max_files: int | None = 
             f"classes with out-of-fold AUC {auc:.2f} (>= {threshold:.2f}). It cannot see a fracture, so the "
             "labels are predictable from coarse appearance (anatomical level, scanner, window, padding, "
             "resolution)" + (f"; strongest cues: {cues}" if cues else "") + ". A deep model's accuracy on "
-            "this dataset will not measure fracture detection.")
+            "this dataset will not measure fracture detection."
+        )
 
     tables = {
-        "counts": counts, "sizes": sizes, "duplicates": duplicates, "near_duplicates": near_table,
-        "groups": group_table, "leakage": leak_table, "rejected": rejected, "shortcut_features": feat_table,
+        "counts": counts,
+        "sizes": sizes,
+        "duplicates": duplicates,
+        "near_duplicates": near_table,
+        "groups": group_table,
+        "leakage": leak_table,
+        "rejected": rejected,
+        "shortcut_features": feat_table,
     }
     return AuditReport(
-        root=root_str, layout=layout, seed=int(seed), n_files=len(manifest), n_rejected=len(rejected),
-        n_groups=int(len(groups)), labels=labels, leaking_groups=leaking,
-        shortcut_auc=None if auc is None else round(float(auc), 4), shortcut_method=method,
-        shortcut_n_images=n_used, shortcut_threshold=float(threshold), copies_per_group=cpg,
-        n_exact_duplicates=len(duplicates), n_near_duplicate_clusters=len(near_table.drop_duplicates("cluster"))
-        if len(near_table) else 0, warnings=warnings, tables=tables)
+        root=root_str,
+        layout=layout,
+        seed=int(seed),
+        n_files=len(manifest),
+        n_rejected=len(rejected),
+        n_groups=int(len(groups)),
+        labels=labels,
+        leaking_groups=leaking,
+        shortcut_auc=None if auc is None else round(float(auc), 4),
+        shortcut_method=method,
+        shortcut_n_images=n_used,
+        shortcut_threshold=float(threshold),
+        copies_per_group=cpg,
+        n_exact_duplicates=len(duplicates),
+        n_near_duplicate_clusters=len(near_table.drop_duplicates("cluster")) if len(near_table) else 0,
+        warnings=warnings,
+        tables=tables,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,8 +485,9 @@ def size_table(manifest: pd.DataFrame) -> pd.DataFrame:
     table["total"] = table.sum(axis=1)
     labels = [c for c in table.columns if c != "total"]
     present = table[labels] > 0
-    table["only_in"] = [labels[int(np.argmax(row))] if row.sum() == 1 and len(labels) > 1 else ""
-                        for row in present.to_numpy()]
+    table["only_in"] = [
+        labels[int(np.argmax(row))] if row.sum() == 1 and len(labels) > 1 else "" for row in present.to_numpy()
+    ]
     table = table.sort_values("total", ascending=False).reset_index()
     table.columns.name = None
     return table
@@ -438,10 +499,18 @@ def duplicate_table(manifest: pd.DataFrame) -> pd.DataFrame:
     cols = ["sha256", "n_files", "labels", "splits", "example", "paths"]
     if dup.empty:
         return pd.DataFrame(columns=cols)
-    table = (dup.groupby("sha256")
-             .agg(n_files=("path", "size"), labels=("label", _joined), splits=("split", _joined),
-                  example=("path", lambda s: Path(sorted(s)[0]).name), paths=("path", lambda s: sorted(s)))
-             .sort_values("n_files", ascending=False).reset_index())
+    table = (
+        dup.groupby("sha256")
+        .agg(
+            n_files=("path", "size"),
+            labels=("label", _joined),
+            splits=("split", _joined),
+            example=("path", lambda s: Path(sorted(s)[0]).name),
+            paths=("path", lambda s: sorted(s)),
+        )
+        .sort_values("n_files", ascending=False)
+        .reset_index()
+    )
     return table[cols]
 
 
@@ -454,10 +523,19 @@ def near_duplicate_table(manifest: pd.DataFrame) -> pd.DataFrame:
     m = m[m.duplicated("near_cluster", keep=False)]
     if m.empty:
         return pd.DataFrame(columns=cols)
-    table = (m.groupby("near_cluster")
-             .agg(n_files=("path", "size"), n_groups=("group", "nunique"), labels=("label", _joined),
-                  splits=("split", _joined), example=("path", lambda s: Path(sorted(s)[0]).name))
-             .sort_values("n_files", ascending=False).reset_index().rename(columns={"near_cluster": "cluster"}))
+    table = (
+        m.groupby("near_cluster")
+        .agg(
+            n_files=("path", "size"),
+            n_groups=("group", "nunique"),
+            labels=("label", _joined),
+            splits=("split", _joined),
+            example=("path", lambda s: Path(sorted(s)[0]).name),
+        )
+        .sort_values("n_files", ascending=False)
+        .reset_index()
+        .rename(columns={"near_cluster": "cluster"})
+    )
     return table[cols]
 
 
@@ -498,14 +576,23 @@ def thumbnail_features(image: np.ndarray, size: int = THUMBNAIL_SIZE, mode: str 
     step = max(1, int(math.sqrt(img.size / 65536)))  # statistics on <= ~65k pixels: fast, unbiased
     sub = img[::step, ::step].ravel()
     h, w = img.shape
-    stats = [float(sub.mean()), float(sub.std()), *np.percentile(sub, _PERCENTILES).tolist(),
-             float((sub > BRIGHT_LEVEL).mean()), float((sub < DARK_LEVEL).mean()),
-             float(w), float(h), float(w / h), float(mode not in _GREY_MODES)]
+    stats = [
+        float(sub.mean()),
+        float(sub.std()),
+        *np.percentile(sub, _PERCENTILES).tolist(),
+        float((sub > BRIGHT_LEVEL).mean()),
+        float((sub < DARK_LEVEL).mean()),
+        float(w),
+        float(h),
+        float(w / h),
+        float(mode not in _GREY_MODES),
+    ]
     return np.concatenate([thumb.ravel(), np.asarray(stats, dtype=np.float64)])
 
 
-def shortcut_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0,
-                 n_splits: int = 5, n_repeats: int = 3) -> tuple[float | None, str]:
+def shortcut_auc(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0, n_splits: int = 5, n_repeats: int = 3
+) -> tuple[float | None, str]:
     """Out-of-fold ROC AUC of a standardised, L1-penalised logistic regression, cross-validated by group.
 
     Parameters
@@ -572,11 +659,14 @@ def shortcut_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int = 0
             model.fit(X[train], y[train])
             oof[test] = model.predict_proba(X[test])[:, 1]
         aucs.append(float(roc_auc_score(y, oof)))
-    method = (f"{method}, {len(y)} images, mean of {len(aucs)} repeats (seed {seed}; "
-              f"range {min(aucs):.3f}-{max(aucs):.3f})")
+    method = (
+        f"{method}, {len(y)} images, mean of {len(aucs)} repeats (seed {seed}; range {min(aucs):.3f}-{max(aucs):.3f})"
+    )
     if not grouped:
-        method = (f"{k}-fold " + method + " - NOT grouped: a class has fewer than 2 source groups, so copies "
-                  "may sit on both sides and the AUC is optimistic")
+        method = (
+            f"{k}-fold " + method + " - NOT grouped: a class has fewer than 2 source groups, so copies "
+            "may sit on both sides and the AUC is optimistic"
+        )
     return float(np.mean(aucs)), method
 
 
@@ -674,6 +764,7 @@ def _features_and_hash(data_module):
 
     The image itself is dropped at once, so thousands of files never sit in memory together.
     """
+
     def work(job):
         path, mode = job
         try:
@@ -681,6 +772,7 @@ def _features_and_hash(data_module):
         except (OSError, ValueError):
             return None
         return thumbnail_features(img, mode=mode), f"{data_module.perceptual_hash(img):016x}"
+
     return work
 
 
@@ -702,8 +794,9 @@ def _near_duplicates(data_module, manifest: pd.DataFrame) -> pd.Series:
     return pd.Series(clusters.to_numpy(), index=manifest.index)
 
 
-_AUGMENT_WORDS = re.compile(r"rotat|sharpen|flip|mirror|bright|contrast|zoom|shear|crop|noise|blur|augment",
-                            re.IGNORECASE)
+_AUGMENT_WORDS = re.compile(
+    r"rotat|sharpen|flip|mirror|bright|contrast|zoom|shear|crop|noise|blur|augment", re.IGNORECASE
+)
 
 
 def _augmentation_evidence(manifest: pd.DataFrame, near_table: pd.DataFrame) -> dict:
@@ -717,8 +810,11 @@ def _augmentation_evidence(manifest: pd.DataFrame, near_table: pd.DataFrame) -> 
     named = float(names.str.contains(_AUGMENT_WORDS).mean())
     exact = float(manifest.duplicated("sha256", keep=False).mean())
     near = float(near_table["n_files"].sum() / len(manifest)) if len(near_table) else 0.0
-    return {"augmented_name_share": round(named, 4), "exact_duplicate_share": round(exact, 4),
-            "near_duplicate_share": round(near, 4)}
+    return {
+        "augmented_name_share": round(named, 4),
+        "exact_duplicate_share": round(exact, 4),
+        "near_duplicate_share": round(near, 4),
+    }
 
 
 def _fill_sizes(manifest: pd.DataFrame) -> None:
@@ -740,14 +836,18 @@ def _fill_sizes(manifest: pd.DataFrame) -> None:
 def _class_warnings(manifest: pd.DataFrame, labels: list[str]) -> list[str]:
     out = []
     if len(labels) < 2:
-        out.append(f"only one class present ({labels[0] if labels else 'none'}): nothing to classify; "
-                   "the shortcut check is skipped.")
+        out.append(
+            f"only one class present ({labels[0] if labels else 'none'}): nothing to classify; "
+            "the shortcut check is skipped."
+        )
         return out
     counts = manifest["label"].value_counts()
     share = counts.min() / counts.sum()
     if share < MIN_MINORITY_SHARE:
-        out.append(f"class imbalance: {counts.idxmin()} is {share:.0%} of the files ({counts.min()} of "
-                   f"{counts.sum()}); accuracy is misleading - report sensitivity, specificity and AUC.")
+        out.append(
+            f"class imbalance: {counts.idxmin()} is {share:.0%} of the files ({counts.min()} of "
+            f"{counts.sum()}); accuracy is misleading - report sensitivity, specificity and AUC."
+        )
     for split, part in manifest[manifest["split"] != ""].groupby("split"):
         missing = sorted(set(labels) - set(part["label"]))
         if missing:
@@ -768,11 +868,15 @@ def _size_warnings(manifest: pd.DataFrame, sizes: pd.DataFrame) -> list[str]:
     v = math.sqrt(chi2 / (table.sum() * (min(table.shape) - 1)))
     if p < 0.01 and v >= 0.3:
         exclusive = sizes[sizes["only_in"] != ""]
-        detail = "; ".join(f"{r.size} {r.mode} only in {r.only_in} ({r.total} files)"
-                           for r in exclusive.head(4).itertuples())
-        return [f"image size/mode depends on the class (Cramér's V {v:.2f}, chi-square p = {p:.1g})"
-                + (f": {detail}" if detail else "") + ". A network can read the label from size, padding or "
-                "colour mode; resize and convert all images the same way and check the classes match."]
+        detail = "; ".join(
+            f"{r.size} {r.mode} only in {r.only_in} ({r.total} files)" for r in exclusive.head(4).itertuples()
+        )
+        return [
+            f"image size/mode depends on the class (Cramér's V {v:.2f}, chi-square p = {p:.1g})"
+            + (f": {detail}" if detail else "")
+            + ". A network can read the label from size, padding or "
+            "colour mode; resize and convert all images the same way and check the classes match."
+        ]
     return []
 
 

@@ -34,10 +34,15 @@ def positive_int(text: str) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from . import phantom  # noqa: PLC0415
 
-    cfg = phantom.SynthConfig(n=args.n, seed=args.seed, difficulty=args.difficulty,
-                              fracture_fraction=args.fracture_fraction,
-                              slices_per_subject=args.slices_per_subject,
-                              val_fraction=args.val_fraction, ct_model=args.ct_model)
+    cfg = phantom.SynthConfig(
+        n=args.n,
+        seed=args.seed,
+        difficulty=args.difficulty,
+        fracture_fraction=args.fracture_fraction,
+        slices_per_subject=args.slices_per_subject,
+        val_fraction=args.val_fraction,
+        ct_model=args.ct_model,
+    )
     return _generate(Path(args.out), cfg, args.workers, args.force, quiet=args.quiet)
 
 
@@ -51,9 +56,11 @@ def _generate(out: Path, cfg, workers, force: bool, quiet: bool = False) -> int:
     t0 = time.perf_counter()
     manifest = phantom.generate_dataset(out, cfg, workers=workers, progress=not quiet, force=True)
     n_frac = int((manifest["label"] == "fracture").sum())
-    print(f"wrote {len(manifest)} slices ({n_frac} fracture, {len(manifest) - n_frac} normal, "
-          f"{manifest['subject_id'].nunique()} subjects) to {out.resolve()} "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"wrote {len(manifest)} slices ({n_frac} fracture, {len(manifest) - n_frac} normal, "
+        f"{manifest['subject_id'].nunique()} subjects) to {out.resolve()} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 
@@ -80,8 +87,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from . import audit  # noqa: PLC0415
 
-    report = audit.audit_dataset(Path(args.data_dir), seed=args.seed, max_files=args.max_files,
-                                 group_method=args.group_method)
+    report = audit.audit_dataset(
+        Path(args.data_dir), seed=args.seed, max_files=args.max_files, group_method=args.group_method
+    )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
     return 0
 
@@ -90,8 +98,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from . import report  # noqa: PLC0415
 
     try:
-        runs = report.run_course(args.profile, args.data_dir, only=args.only, start_from=args.start_from,
-                                 render=not args.no_render)
+        runs = report.run_course(
+            args.profile, args.data_dir, only=args.only, start_from=args.start_from, render=not args.no_render
+        )
     except report.NotebookFailed as exc:
         print(f"cspine: error: {exc}", file=sys.stderr)
         return 1
@@ -108,8 +117,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     print(f"cspine predict: note: {predict.NOT_FOR_DIAGNOSIS}", file=sys.stderr)
     if not args.paths:
-        print("cspine predict: error: give at least one image file, folder or glob pattern "
-              "(e.g. cspine predict scans/ 'more/*.png')", file=sys.stderr)
+        print(
+            "cspine predict: error: give at least one image file, folder or glob pattern "
+            "(e.g. cspine predict scans/ 'more/*.png')",
+            file=sys.stderr,
+        )
         return 2
     try:
         threshold = predict.check_threshold(args.threshold)
@@ -125,11 +137,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     try:
         bundle = models.load_bundle(bundle_dir)
     except (FileNotFoundError, ValueError, OSError) as exc:
-        print(f"cspine predict: error: cannot use the model bundle {bundle_dir}: {exc}",
-              file=sys.stderr)
+        print(f"cspine predict: error: cannot use the model bundle {bundle_dir}: {exc}", file=sys.stderr)
         return 2
-    results = predict.predict_paths(args.paths, bundle, threshold=threshold,
-                                    gradcam_dir=args.gradcam)
+    results = predict.predict_paths(args.paths, bundle, threshold=threshold, gradcam_dir=args.gradcam)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
@@ -142,14 +152,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 print(f"{r.file}\terror: {r.error}")
     failed = sum(not r.ok for r in results)
     thr = results[0].threshold if results else bundle.threshold
-    print(f"cspine predict: {len(results) - failed} of {len(results)} file(s) predicted with "
-          f"{bundle.path} (threshold {thr:.3f})"
-          + (f"; {failed} could not be used" if failed else ""), file=sys.stderr)
+    print(
+        f"cspine predict: {len(results) - failed} of {len(results)} file(s) predicted with "
+        f"{bundle.path} (threshold {thr:.3f})" + (f"; {failed} could not be used" if failed else ""),
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cspine", description="Cervical-spine CT fracture course tools (teaching only, not for diagnosis).")
+    p = argparse.ArgumentParser(
+        prog="cspine", description="Cervical-spine CT fracture course tools (teaching only, not for diagnosis)."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("data", help="datasets: generate the synthetic CT phantom")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -194,12 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-render", action="store_true", help="execute only; do not render the report")
     r.set_defaults(func=_cmd_run)
 
-    pr = sub.add_parser("predict", help="fracture probability of image files, folders or globs (teaching only, not for diagnosis)")
-    pr.add_argument("paths", nargs="*", metavar="PATH", help="PNG, JPEG, BMP, TIFF or DICOM files, folders (searched recursively) or glob patterns")
-    pr.add_argument("--model", default=None, metavar="BUNDLE_DIR", help="model bundle folder (default: the best under artifacts/models/: vgg16, then cnn)")
-    pr.add_argument("--threshold", type=float, default=None, help="decision threshold in [0, 1] (default: the bundle's)")
+    pr = sub.add_parser(
+        "predict", help="fracture probability of image files, folders or globs (teaching only, not for diagnosis)"
+    )
+    pr.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="PNG, JPEG, BMP, TIFF or DICOM files, folders (searched recursively) or glob patterns",
+    )
+    pr.add_argument(
+        "--model",
+        default=None,
+        metavar="BUNDLE_DIR",
+        help="model bundle folder (default: the best under artifacts/models/: vgg16, then cnn)",
+    )
+    pr.add_argument(
+        "--threshold", type=float, default=None, help="decision threshold in [0, 1] (default: the bundle's)"
+    )
     pr.add_argument("--json", action="store_true", help="print a JSON list of {file, probability, label, error}")
-    pr.add_argument("--gradcam", default=None, metavar="OUT_DIR", help="also write a Grad-CAM overlay PNG per file into OUT_DIR")
+    pr.add_argument(
+        "--gradcam", default=None, metavar="OUT_DIR", help="also write a Grad-CAM overlay PNG per file into OUT_DIR"
+    )
     pr.set_defaults(func=_cmd_predict)
     return p
 

@@ -68,21 +68,45 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
-        name="smoke", image_size=64, n_synthetic=120, batch_size=16, epochs_cnn=2,
-        epochs_head=1, epochs_finetune=1, finetune_blocks=1, lr_finetune=1e-4,
-        tuner_trials=2, tuner_epochs=1,
+        name="smoke",
+        image_size=64,
+        n_synthetic=120,
+        batch_size=16,
+        epochs_cnn=2,
+        epochs_head=1,
+        epochs_finetune=1,
+        finetune_blocks=1,
+        lr_finetune=1e-4,
+        tuner_trials=2,
+        tuner_epochs=1,
         bootstrap_resamples=200,
     ),
     "cpu": Profile(
-        name="cpu", image_size=96, n_synthetic=1200, batch_size=32, epochs_cnn=15,
-        epochs_head=8, epochs_finetune=8, finetune_blocks=3, lr_finetune=1e-4,
-        tuner_trials=6, tuner_epochs=6,
+        name="cpu",
+        image_size=96,
+        n_synthetic=1200,
+        batch_size=32,
+        epochs_cnn=15,
+        epochs_head=8,
+        epochs_finetune=8,
+        finetune_blocks=3,
+        lr_finetune=1e-4,
+        tuner_trials=6,
+        tuner_epochs=6,
         bootstrap_resamples=1000,
     ),
     "gpu": Profile(
-        name="gpu", image_size=224, n_synthetic=4000, batch_size=32, epochs_cnn=40,
-        epochs_head=15, epochs_finetune=15, finetune_blocks=3, lr_finetune=1e-4,
-        tuner_trials=30, tuner_epochs=20,
+        name="gpu",
+        image_size=224,
+        n_synthetic=4000,
+        batch_size=32,
+        epochs_cnn=40,
+        epochs_head=15,
+        epochs_finetune=15,
+        finetune_blocks=3,
+        lr_finetune=1e-4,
+        tuner_trials=30,
+        tuner_epochs=20,
         bootstrap_resamples=2000,
     ),
 }
@@ -100,9 +124,7 @@ def get_profile(name: str | None = None) -> Profile:
     """
     chosen = (name or os.environ.get("CSPINE_PROFILE") or DEFAULT_PROFILE).strip().lower()
     if chosen not in PROFILES:
-        raise ValueError(
-            f"unknown profile {chosen!r}; choose one of {', '.join(PROFILES)}"
-        )
+        raise ValueError(f"unknown profile {chosen!r}; choose one of {', '.join(PROFILES)}")
     return PROFILES[chosen]
 
 

@@ -95,15 +95,31 @@ LABELS = ("fracture", "normal")
 
 LABEL_ALIASES: dict[str, str] = {
     **{k: "fracture" for k in ("fracture", "fractures", "fractured", "abnormal", "positive", "pos", "1")},
-    **{k: "normal" for k in ("normal", "healthy", "negative", "neg", "no_fracture", "nofracture",
-                             "no fracture", "non-fracture", "0")},
+    **{
+        k: "normal"
+        for k in (
+            "normal",
+            "healthy",
+            "negative",
+            "neg",
+            "no_fracture",
+            "nofracture",
+            "no fracture",
+            "non-fracture",
+            "0",
+        )
+    },
 }
 """Folder names and CSV labels (lower-cased) accepted for each class."""
 
 SPLIT_ALIASES: dict[str, str] = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
 }
 """Split folder names (lower-cased) and the split they stand for."""
 
@@ -150,8 +166,10 @@ def _not_an_image_reason(path: Path) -> str:
     if text is not None and "\x00" not in text and all(c.isprintable() or c in "\r\n\t" for c in text[:200]):
         snippet = text.strip().splitlines()[0][:40] if text.strip() else ""
         return f"is a text file, not an image (starts with {snippet!r})"
-    return ("is not an image in a supported format (PNG, JPEG, BMP, TIFF or DICOM); "
-            f"it starts with bytes {head[:8].hex(' ')}")
+    return (
+        "is not an image in a supported format (PNG, JPEG, BMP, TIFF or DICOM); "
+        f"it starts with bytes {head[:8].hex(' ')}"
+    )
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -181,7 +199,8 @@ def _open_pil(path: Path, max_pixels: int) -> Iterator[Image.Image]:
             raise ImageReadError(
                 f"{path}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} pixels "
                 "(possible decompression bomb); refusing to decode it. Pass a larger max_pixels "
-                "if the image is genuine.")
+                "if the image is genuine."
+            )
         if w == 0 or h == 0:
             raise ImageReadError(f"{path}: has no pixels ({w}x{h})")
         yield im
@@ -387,8 +406,10 @@ class Discovery:
         labels = ", ".join(f"{k} {v}" for k, v in m["label"].value_counts().sort_index().items())
         splits = m["split"].replace("", "(none)").value_counts().sort_index()
         split_txt = ", ".join(f"{k} {v}" for k, v in splits.items())
-        return (f"{self.layout} layout at {self.root}: {len(m)} images ({labels}; splits: {split_txt}; "
-                f"{m['group'].nunique()} groups), {len(self.rejected)} rejected")
+        return (
+            f"{self.layout} layout at {self.root}: {len(m)} images ({labels}; splits: {split_txt}; "
+            f"{m['group'].nunique()} groups), {len(self.rejected)} rejected"
+        )
 
 
 def _resolve_layout(path: Path) -> tuple[Path, str]:
@@ -417,12 +438,14 @@ def _resolve_layout(path: Path) -> tuple[Path, str]:
     if not subdirs:
         raise ValueError(
             f"no class folders found in {path}; expected <dir>/<class>/images (class fracture or "
-            f"normal), <dir>/<split>/<class>/images, a {CSV_NAME}, or a synthetic dataset")
+            f"normal), <dir>/<split>/<class>/images, a {CSV_NAME}, or a synthetic dataset"
+        )
     names = ", ".join(d.name for d in subdirs)
     unknown = ", ".join(d.name for d in subdirs if not (normalize_split(d.name) or normalize_label(d.name)))
     raise ValueError(
         f"unknown class folder(s) in {path}: {unknown or names} (found: {names}). Class folders "
-        f"must be named for a class ({_alias_help()}); split folders train/val/test.")
+        f"must be named for a class ({_alias_help()}); split folders train/val/test."
+    )
 
 
 def _probe_row(path: Path, max_pixels: int, rows: list, rejected: list, **fields) -> None:
@@ -432,24 +455,34 @@ def _probe_row(path: Path, max_pixels: int, rows: list, rejected: list, **fields
     except (ImageReadError, FileNotFoundError, OSError) as exc:
         rejected.append({"path": path.absolute().as_posix(), "reason": str(exc).replace(f"{path}: ", "")})
         return
-    rows.append({"path": path.resolve().as_posix(), "label": fields.pop("label"), "group": "",
-                 "split": fields.pop("split", ""), **info, **fields})
+    rows.append(
+        {
+            "path": path.resolve().as_posix(),
+            "label": fields.pop("label"),
+            "group": "",
+            "split": fields.pop("split", ""),
+            **info,
+            **fields,
+        }
+    )
 
 
-def _scan_class_folder(folder: Path, label: str, split: str, max_pixels: int,
-                       rows: list, rejected: list) -> None:
+def _scan_class_folder(folder: Path, label: str, split: str, max_pixels: int, rows: list, rejected: list) -> None:
     """Every file under one class folder (recursively), hidden files skipped."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
         if not _is_candidate(path) and not dicom.is_dicom(path):
-            rejected.append({"path": path.absolute().as_posix(),
-                             "reason": f"unsupported file type {path.suffix!r} (accepted: "
-                                       f"{', '.join(sorted(IMAGE_EXTENSIONS | DICOM_EXTENSIONS))})"})
+            rejected.append(
+                {
+                    "path": path.absolute().as_posix(),
+                    "reason": f"unsupported file type {path.suffix!r} (accepted: "
+                    f"{', '.join(sorted(IMAGE_EXTENSIONS | DICOM_EXTENSIONS))})",
+                }
+            )
             continue
         if path.suffix == "" and not dicom.is_dicom(path):
-            rejected.append({"path": path.absolute().as_posix(),
-                             "reason": "no file extension and no DICOM header"})
+            rejected.append({"path": path.absolute().as_posix(), "reason": "no file extension and no DICOM header"})
             continue
         _probe_row(path, max_pixels, rows, rejected, label=label, split=split)
 
@@ -462,15 +495,17 @@ def _class_folders(folder: Path) -> list[tuple[Path, str]]:
         raise ValueError(
             f"unknown class folder(s) in {folder}: {', '.join(unknown)} (found: "
             f"{', '.join(d.name for d in subdirs)}). Class folders must be named for a class "
-            f"({_alias_help()}).")
+            f"({_alias_help()})."
+        )
     return [(d, normalize_label(d.name)) for d in subdirs]
 
 
 def _reject_loose_files(folder: Path, rejected: list) -> None:
     for f in sorted(folder.iterdir()):
         if f.is_file() and _visible(f) and f.suffix.lower() in IMAGE_EXTENSIONS | DICOM_EXTENSIONS:
-            rejected.append({"path": f.absolute().as_posix(),
-                             "reason": "not inside a class folder, so its label is unknown"})
+            rejected.append(
+                {"path": f.absolute().as_posix(), "reason": "not inside a class folder, so its label is unknown"}
+            )
 
 
 def _scan_folders(root: Path, max_pixels: int) -> tuple[list, list]:
@@ -483,7 +518,8 @@ def _scan_folders(root: Path, max_pixels: int) -> tuple[list, list]:
         others = [d.name for d in subdirs if not normalize_split(d.name)]
         raise ValueError(
             f"{root} mixes split folders ({', '.join(split_named)}) with other folders "
-            f"({', '.join(others)}); use <dir>/<split>/<class>/ or <dir>/<class>/, not both")
+            f"({', '.join(others)}); use <dir>/<split>/<class>/ or <dir>/<class>/, not both"
+        )
     if split_named:
         for split_dir in subdirs:
             _reject_loose_files(split_dir, rejected)
@@ -511,13 +547,17 @@ def _scan_csv(csv_path: Path, max_pixels: int) -> tuple[list, list]:
     path_col = _find_column(table, ("path", "file", "filename", "image", "image_path"))
     label_col = _find_column(table, ("label", "class", "target"))
     if path_col is None or label_col is None:
-        raise ValueError(f"{csv_path}: a CSV manifest needs columns 'path' and 'label'; "
-                         f"found {', '.join(map(str, table.columns)) or 'none'}")
+        raise ValueError(
+            f"{csv_path}: a CSV manifest needs columns 'path' and 'label'; "
+            f"found {', '.join(map(str, table.columns)) or 'none'}"
+        )
     labels = table[label_col].map(normalize_label)
     bad = sorted(set(table.loc[labels.isna(), label_col]))
     if bad:
-        raise ValueError(f"{csv_path}: unknown label(s) {', '.join(map(repr, bad))} in column "
-                         f"{label_col!r}; use a class name ({_alias_help()})")
+        raise ValueError(
+            f"{csv_path}: unknown label(s) {', '.join(map(repr, bad))} in column "
+            f"{label_col!r}; use a class name ({_alias_help()})"
+        )
     split_col = _find_column(table, ("split",))
     group_col = _find_column(table, ("group",))
     splits = None
@@ -532,8 +572,15 @@ def _scan_csv(csv_path: Path, max_pixels: int) -> tuple[list, list]:
         path = Path(rel).expanduser()
         path = path if path.is_absolute() else csv_path.parent / path
         extra = {"group": table[group_col].iat[i]} if group_col else {}
-        _probe_row(path, max_pixels, rows, rejected, label=labels.iat[i],
-                   split=splits.iat[i] if splits is not None else "", **extra)
+        _probe_row(
+            path,
+            max_pixels,
+            rows,
+            rejected,
+            label=labels.iat[i],
+            split=splits.iat[i] if splits is not None else "",
+            **extra,
+        )
     return rows, rejected
 
 
@@ -552,11 +599,19 @@ def _scan_synthetic(root: Path, max_pixels: int) -> tuple[list, list]:
             rejected.append({"path": path.absolute().as_posix(), "reason": f"unknown label {rec['label']!r}"})
             continue
         mask = root / rec["mask_file"] if rec.get("mask_file") else None
-        _probe_row(path, max_pixels, rows, rejected, label=label,
-                   split=normalize_split(rec["split"]) or "",
-                   subject_id=rec["subject_id"], level=rec.get("level", ""),
-                   fracture_type=rec.get("fracture_type", ""), difficulty=rec.get("difficulty", ""),
-                   mask_path=mask.resolve().as_posix() if mask is not None and mask.is_file() else "")
+        _probe_row(
+            path,
+            max_pixels,
+            rows,
+            rejected,
+            label=label,
+            split=normalize_split(rec["split"]) or "",
+            subject_id=rec["subject_id"],
+            level=rec.get("level", ""),
+            fracture_type=rec.get("fracture_type", ""),
+            difficulty=rec.get("difficulty", ""),
+            mask_path=mask.resolve().as_posix() if mask is not None and mask.is_file() else "",
+        )
     return rows, rejected
 
 
@@ -589,12 +644,18 @@ def check_two_classes(manifest: pd.DataFrame) -> None:
         raise ValueError(
             f"only one class found: {found}; a classifier needs images of both "
             f"{' and '.join(map(repr, LABELS))} (missing: {', '.join(missing)}). Check the class "
-            "folder names and that every class folder holds images.")
+            "folder names and that every class folder holds images."
+        )
 
 
-def discover(data_dir: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-             require_two_classes: bool = True, group_method: str = "auto",
-             max_distance: int = DEFAULT_HASH_DISTANCE) -> Discovery:
+def discover(
+    data_dir: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    require_two_classes: bool = True,
+    group_method: str = "auto",
+    max_distance: int = DEFAULT_HASH_DISTANCE,
+) -> Discovery:
     """Find every image of a dataset, its label, split and source group.
 
     Each file is opened only far enough to read its size and mode (PNGs are also verified, so
@@ -640,8 +701,11 @@ def discover(data_dir: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXEL
         rows, rejected = _scan_folders(root, max_pixels)
     if not rows:
         reasons = "; ".join(f"{Path(r['path']).name}: {r['reason']}" for r in rejected[:3])
-        raise ValueError(f"no readable images found in {root} ({len(rejected)} files rejected"
-                         + (f", e.g. {reasons}" if reasons else "") + ")")
+        raise ValueError(
+            f"no readable images found in {root} ({len(rejected)} files rejected"
+            + (f", e.g. {reasons}" if reasons else "")
+            + ")"
+        )
     manifest = _frame(rows)
     if require_two_classes:
         check_two_classes(manifest)
@@ -662,10 +726,11 @@ def discover(data_dir: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXEL
 # --------------------------------------------------------------------------------------------
 # Source groups: names, perceptual hashes, near-duplicate clusters
 # --------------------------------------------------------------------------------------------
-_AUGMENT_WORDS = ("rotated|rotate|rot|sharpened|sharpen|flipped|flip|mirrored|augmented|aug|copy|"
-                  "noise|noisy|zoomed|zoom|bright|contrast|blur|blurred")
-_STEM_CUT = re.compile(rf"\s*-\s*(?=[A-Za-z])|[\s_]+(?:{_AUGMENT_WORDS})\d*(?=$|[\W_])|\s+\(copy\)",
-                       re.IGNORECASE)
+_AUGMENT_WORDS = (
+    "rotated|rotate|rot|sharpened|sharpen|flipped|flip|mirrored|augmented|aug|copy|"
+    "noise|noisy|zoomed|zoom|bright|contrast|blur|blurred"
+)
+_STEM_CUT = re.compile(rf"\s*-\s*(?=[A-Za-z])|[\s_]+(?:{_AUGMENT_WORDS})\d*(?=$|[\W_])|\s+\(copy\)", re.IGNORECASE)
 
 
 def source_group_from_name(filename: str | os.PathLike) -> str:
@@ -739,8 +804,9 @@ def _hash_hex(value: int, hash_size: int = DEFAULT_HASH_SIZE) -> str:
     return f"{value:0{-(-hash_size * hash_size // 4)}x}"
 
 
-def hash_images(paths, max_pixels: int = DEFAULT_MAX_PIXELS,
-                hash_size: int = DEFAULT_HASH_SIZE) -> tuple[list[str | None], list[str]]:
+def hash_images(
+    paths, max_pixels: int = DEFAULT_MAX_PIXELS, hash_size: int = DEFAULT_HASH_SIZE
+) -> tuple[list[str | None], list[str]]:
     """:func:`perceptual_hash` of each image file as hex digits (``None`` where unreadable).
 
     Returns
@@ -750,6 +816,7 @@ def hash_images(paths, max_pixels: int = DEFAULT_MAX_PIXELS,
     errors : list
         '' for each readable image, else the reason it could not be read.
     """
+
     def one(p) -> tuple[str | None, str]:
         try:
             img = read_image(p, max_pixels=max_pixels)
@@ -784,7 +851,7 @@ def _hex_to_words(hex_hashes: list[str]) -> np.ndarray:
     out = np.zeros((len(hex_hashes), words), dtype=np.uint64)
     for i, h in enumerate(hex_hashes):
         h = h.rjust(words * 16, "0")
-        out[i] = [int(h[k:k + 16], 16) for k in range(0, len(h), 16)]
+        out[i] = [int(h[k : k + 16], 16) for k in range(0, len(h), 16)]
     return out
 
 
@@ -802,8 +869,9 @@ def _components(n: int, edges_a: np.ndarray, edges_b: np.ndarray) -> np.ndarray:
     return remap[labels]
 
 
-def near_duplicate_clusters(manifest: pd.DataFrame, max_distance: int = DEFAULT_HASH_DISTANCE,
-                            max_pixels: int = DEFAULT_MAX_PIXELS) -> pd.Series:
+def near_duplicate_clusters(
+    manifest: pd.DataFrame, max_distance: int = DEFAULT_HASH_DISTANCE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> pd.Series:
     """Cluster images whose perceptual hashes differ in at most ``max_distance`` bits.
 
     Pairs within the threshold are joined (union-find, so clusters are transitive). Exact,
@@ -840,7 +908,7 @@ def near_duplicate_clusters(manifest: pd.DataFrame, max_distance: int = DEFAULT_
         words = _hex_to_words([hex_hashes[i] for i in idx])
         block = max(1, 2_000_000 // (len(idx) * words.shape[1]))
         for start in range(0, len(idx), block):
-            part = words[start:start + block]
+            part = words[start : start + block]
             dist = np.bitwise_count(part[:, None, :] ^ words[None, :, :]).sum(axis=-1, dtype=np.int64)
             i, j = np.nonzero(dist <= max_distance)
             i = i + start
@@ -876,8 +944,9 @@ def _union_groups(keys: list[pd.Series], names: pd.Series) -> pd.Series:
     return pd.Series(label.to_numpy(), index=names.index)
 
 
-def assign_groups(manifest: pd.DataFrame, method: str = "auto", *,
-                  max_distance: int = DEFAULT_HASH_DISTANCE) -> pd.DataFrame:
+def assign_groups(
+    manifest: pd.DataFrame, method: str = "auto", *, max_distance: int = DEFAULT_HASH_DISTANCE
+) -> pd.DataFrame:
     """Return a copy of ``manifest`` with a ``group`` column: images that share a source.
 
     Methods
@@ -940,13 +1009,14 @@ SPLITS = ("train", "val", "test")
 def _check_fractions(fractions) -> np.ndarray:
     f = np.asarray(fractions, dtype=float)
     if f.ndim != 1 or not 2 <= len(f) <= 3 or (f < 0).any() or not np.isclose(f.sum(), 1.0) or f[0] <= 0:
-        raise ValueError(f"fractions must be 2 or 3 non-negative numbers (train, val[, test]) that sum "
-                         f"to 1 with train > 0, got {tuple(fractions)!r}")
+        raise ValueError(
+            f"fractions must be 2 or 3 non-negative numbers (train, val[, test]) that sum "
+            f"to 1 with train > 0, got {tuple(fractions)!r}"
+        )
     return np.pad(f, (0, 3 - len(f)))
 
 
-def grouped_stratified_split(manifest: pd.DataFrame, fractions=(0.8, 0.1, 0.1),
-                             seed: int = 0) -> pd.DataFrame:
+def grouped_stratified_split(manifest: pd.DataFrame, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> pd.DataFrame:
     """Split by group, balancing the labels of each split; return a copy with column ``split``.
 
     Groups are visited largest first (ties in a seeded random order) and each goes to the split
@@ -973,8 +1043,10 @@ def grouped_stratified_split(manifest: pd.DataFrame, fractions=(0.8, 0.1, 0.1),
     f = _check_fractions(fractions)
     for col in ("label", "group"):
         if col not in manifest:
-            raise ValueError(f"grouped_stratified_split needs a {col!r} column"
-                             + (" (call assign_groups first)" if col == "group" else ""))
+            raise ValueError(
+                f"grouped_stratified_split needs a {col!r} column"
+                + (" (call assign_groups first)" if col == "group" else "")
+            )
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     out = manifest.copy()
@@ -1033,8 +1105,7 @@ def _carve(m: pd.DataFrame, missing: list[str], f: np.ndarray, seed: int) -> pd.
     return m
 
 
-def choose_split(discovery, policy: str = "auto", seed: int = 0,
-                 fractions=(0.8, 0.1, 0.1)) -> tuple[pd.DataFrame, str]:
+def choose_split(discovery, policy: str = "auto", seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> tuple[pd.DataFrame, str]:
     """Decide the train/val/test split of a discovered dataset, and say why.
 
     Policies
@@ -1086,19 +1157,22 @@ def choose_split(discovery, policy: str = "auto", seed: int = 0,
             why = "the dataset has no split folders, so it was split by group"
         else:
             examples = ", ".join(repr(g) for g in leaking[:3]) + (", ..." if len(leaking) > 3 else "")
-            why = (f"the dataset's own split folders leak: {len(leaking)} source groups appear in more "
-                   f"than one of them (e.g. {examples}), so validation would score copies of training "
-                   "images; the data were re-split by group")
-        return out, (f"{why} ({pct} train/val/test, seed {seed}, no group in two splits): "
-                     f"{_split_counts(out)} images.")
+            why = (
+                f"the dataset's own split folders leak: {len(leaking)} source groups appear in more "
+                f"than one of them (e.g. {examples}), so validation would score copies of training "
+                "images; the data were re-split by group"
+            )
+        return out, (f"{why} ({pct} train/val/test, seed {seed}, no group in two splits): {_split_counts(out)} images.")
 
     present = set(m["split"])
     missing = [s for s in ("val", "test") if s not in present and f[SPLITS.index(s)] > 0]
     out = _carve(m, missing, f, seed) if missing else m
     kept = "/".join(s for s in SPLITS if s in present)
     if leaking:
-        msg = (f"kept the dataset's own {kept} folders as asked, although {len(leaking)} source groups "
-               "appear in more than one of them: validation scores will be optimistic")
+        msg = (
+            f"kept the dataset's own {kept} folders as asked, although {len(leaking)} source groups "
+            "appear in more than one of them: validation scores will be optimistic"
+        )
     else:
         msg = f"kept the dataset's own {kept} folders (no source group appears in more than one)"
     if missing:
@@ -1109,8 +1183,20 @@ def choose_split(discovery, policy: str = "auto", seed: int = 0,
 # --------------------------------------------------------------------------------------------
 # Saving and loading manifests
 # --------------------------------------------------------------------------------------------
-_STRING_COLUMNS = ("path", "label", "group", "split", "folder_split", "mode", "phash", "subject_id",
-                   "level", "fracture_type", "difficulty", "mask_path")
+_STRING_COLUMNS = (
+    "path",
+    "label",
+    "group",
+    "split",
+    "folder_split",
+    "mode",
+    "phash",
+    "subject_id",
+    "level",
+    "fracture_type",
+    "difficulty",
+    "mask_path",
+)
 
 
 def save_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -236,20 +236,23 @@ def read_dicom_hu(path: str | os.PathLike, max_pixels: int | None = None) -> tup
     if max_pixels is not None and n_pixels > max_pixels:
         raise DicomError(
             f"{path}: {info['columns']}x{info['rows']}x{info['frames']} = {n_pixels} pixels exceeds "
-            f"the limit of {max_pixels} pixels; refusing to decode it")
+            f"the limit of {max_pixels} pixels; refusing to decode it"
+        )
     if info["frames"] > 1:
-        raise DicomError(f"{path}: is a multi-frame DICOM ({info['frames']} frames); "
-                         "pass a single 2-D slice")
+        raise DicomError(f"{path}: is a multi-frame DICOM ({info['frames']} frames); pass a single 2-D slice")
     if info["samples_per_pixel"] != 1:
-        raise DicomError(f"{path}: is a colour DICOM ({info['samples_per_pixel']} samples per pixel, "
-                         f"{info['photometric_interpretation']}); a CT slice has one")
+        raise DicomError(
+            f"{path}: is a colour DICOM ({info['samples_per_pixel']} samples per pixel, "
+            f"{info['photometric_interpretation']}); a CT slice has one"
+        )
     try:
         stored = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise RuntimeError, NotImplementedError, ...
         raise DicomError(
             f"{path}: cannot decode the pixel data with transfer syntax {info['transfer_syntax']} "
             f"({info['transfer_syntax_uid'] or 'no UID'}): {_decoder_problem(info['transfer_syntax_uid'])} "
-            f"({type(exc).__name__}: {str(exc).strip()})") from exc
+            f"({type(exc).__name__}: {str(exc).strip()})"
+        ) from exc
     stored = np.asarray(stored)
     if stored.ndim != 2:
         raise DicomError(f"{path}: expected a 2-D slice, got pixel data of shape {stored.shape}")

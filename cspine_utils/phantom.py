@@ -79,16 +79,37 @@ MARKER_NAME = "dataset.json"
 
 # Tissue labels of the label map returned with the true HU image.
 TISSUE = {
-    "outside": 0, "air": 1, "skin": 2, "fat": 3, "muscle": 4, "vessel": 5, "thyroid": 6,
-    "airway": 7, "csf": 8, "cord": 9, "cancellous": 10, "cortical": 11, "table": 12,
-    "haematoma": 13, "cartilage": 14,
+    "outside": 0,
+    "air": 1,
+    "skin": 2,
+    "fat": 3,
+    "muscle": 4,
+    "vessel": 5,
+    "thyroid": 6,
+    "airway": 7,
+    "csf": 8,
+    "cord": 9,
+    "cancellous": 10,
+    "cortical": 11,
+    "table": 12,
+    "haematoma": 13,
+    "cartilage": 14,
 }
 
 # Central HU values (ranges from shared CT_FACTS.md); subjects jitter around them.
 HU = {
-    "air": -1000.0, "fat": -100.0, "skin": 40.0, "muscle": 45.0, "vessel": 40.0,
-    "thyroid": 100.0, "csf": 8.0, "cord": 35.0, "haematoma": 60.0, "table": 100.0,
-    "cartilage": 120.0, "padding": -3024.0,
+    "air": -1000.0,
+    "fat": -100.0,
+    "skin": 40.0,
+    "muscle": 45.0,
+    "vessel": 40.0,
+    "thyroid": 100.0,
+    "csf": 8.0,
+    "cord": 35.0,
+    "haematoma": 60.0,
+    "table": 100.0,
+    "cartilage": 120.0,
+    "padding": -3024.0,
 }
 
 
@@ -232,22 +253,44 @@ _SPINOUS_LENGTH = {"C2": 16.0, "C3": 11.0, "C4": 11.0, "C5": 12.0, "C6": 14.0, "
 def _vertebra_geometry(level: str, s: float, rng: np.random.Generator) -> dict:
     """Dimensions (mm) of one vertebra, scaled by ``s`` with small per-slice variation."""
     j = lambda lo, hi: float(rng.uniform(lo, hi)) * s  # noqa: E731
-    g = {"level": level, "facet_joint": bool(rng.random() < 0.6),
-         "facet_angle": float(rng.uniform(-30, 30)), "facet_offset": float(rng.uniform(-1.5, 1.5))}
+    g = {
+        "level": level,
+        "facet_joint": bool(rng.random() < 0.6),
+        "facet_angle": float(rng.uniform(-30, 30)),
+        "facet_offset": float(rng.uniform(-1.5, 1.5)),
+    }
     if level == "C1":
-        g.update(ring_a=j(15, 17), ring_b=j(14, 16), ring_t=j(3.5, 4.5), ring_cy=j(9, 10.5),
-                 mass_a=j(5.5, 7), mass_b=j(7.5, 9), tp_len=j(9, 12), foramen_r=j(2.8, 3.4),
-                 dens_r=j(4.5, 5.5), canal_w=j(24, 28) / 2, canal_d=j(17, 20) / 2)
+        g.update(
+            ring_a=j(15, 17),
+            ring_b=j(14, 16),
+            ring_t=j(3.5, 4.5),
+            ring_cy=j(9, 10.5),
+            mass_a=j(5.5, 7),
+            mass_b=j(7.5, 9),
+            tp_len=j(9, 12),
+            foramen_r=j(2.8, 3.4),
+            dens_r=j(4.5, 5.5),
+            canal_w=j(24, 28) / 2,
+            canal_d=j(17, 20) / 2,
+        )
         return g
     bw = _BODY_HALF_WIDTH[level] * s * float(rng.uniform(0.95, 1.05))
-    g.update(bw=bw, bd=j(7.2, 8.4) * (1.05 if level == "C2" else 1.0), body_r=j(3, 4.2),
-             canal_w=j(22, 26) / 2, canal_d=j(14, 17.5) / 2,
-             ped_r=j(2.4, 3.0) * (1.2 if level == "C2" else 1.0), lam_r=j(1.8, 2.3),
-             pillar_a=j(4.5, 5.5), pillar_b=j(5.5, 6.5),
-             sp_len=_SPINOUS_LENGTH[level] * s * float(rng.uniform(0.9, 1.1)),
-             sp_r=j(2.3, 2.9) * (1.3 if level == "C2" else 1.0),
-             bifid=level in ("C2", "C3", "C4", "C5", "C6") and rng.random() < 0.85,
-             foramen_r=j(2.5, 3.1) * (0.6 if level == "C7" else 1.0), tp_len=j(6, 9))
+    g.update(
+        bw=bw,
+        bd=j(7.2, 8.4) * (1.05 if level == "C2" else 1.0),
+        body_r=j(3, 4.2),
+        canal_w=j(22, 26) / 2,
+        canal_d=j(14, 17.5) / 2,
+        ped_r=j(2.4, 3.0) * (1.2 if level == "C2" else 1.0),
+        lam_r=j(1.8, 2.3),
+        pillar_a=j(4.5, 5.5),
+        pillar_b=j(5.5, 6.5),
+        sp_len=_SPINOUS_LENGTH[level] * s * float(rng.uniform(0.9, 1.1)),
+        sp_r=j(2.3, 2.9) * (1.3 if level == "C2" else 1.0),
+        bifid=level in ("C2", "C3", "C4", "C5", "C6") and rng.random() < 0.85,
+        foramen_r=j(2.5, 3.1) * (0.6 if level == "C7" else 1.0),
+        tp_len=j(6, 9),
+    )
     return g
 
 
@@ -276,14 +319,16 @@ def _vertebra_sdf(u: np.ndarray, v: np.ndarray, g: dict) -> dict[str, np.ndarray
         fork = (0.0, sp_base[1] + 0.65 * g["sp_len"])
         spinous = np.minimum(
             _sd_segment(u, v, sp_base, fork, g["sp_r"], g["sp_r"] * 0.85),
-            _sd_segment(ua, v, fork, (2.6, sp_tip[1]), g["sp_r"] * 0.75, g["sp_r"] * 0.7))
+            _sd_segment(ua, v, fork, (2.6, sp_tip[1]), g["sp_r"] * 0.75, g["sp_r"] * 0.7),
+        )
     else:
         spinous = _sd_segment(u, v, sp_base, sp_tip, g["sp_r"], g["sp_r"] * 1.15)
     fc = (bw + g["foramen_r"] + 1.2, bd - 2.0)
     fr = g["foramen_r"]
     transverse = np.minimum(
         _sd_ellipse(ua - fc[0], v - fc[1], fr + 2.2, fr + 1.8),
-        _sd_segment(ua, v, fc, (fc[0] + g["tp_len"], fc[1] - 1.5), 2.3, 1.7))
+        _sd_segment(ua, v, fc, (fc[0] + g["tp_len"], fc[1] - 1.5), 2.3, 1.7),
+    )
     foramina = np.hypot(ua - fc[0], v - fc[1]) - fr
     arch = _smin(_smin(_smin(pedicle, pillar, 1.5), lamina, 1.5), spinous, 1.2)
     bone = _smin(_smin(body, arch, 1.2), transverse, 1.5)
@@ -294,8 +339,7 @@ def _vertebra_sdf(u: np.ndarray, v: np.ndarray, g: dict) -> dict[str, np.ndarray
         cleft = np.maximum(np.abs(pv) - 0.45, np.abs(pu) - g["pillar_b"] - 1.5)
         bone = np.maximum(bone, -cleft)
     cord = _sd_ellipse(u, v - canal_cy + 0.5, min(6.0, cw * 0.5), min(4.2, cd * 0.55))
-    return {"bone": bone, "body": body, "canal": canal, "cord": cord, "foramina": foramina,
-            "arch": arch}
+    return {"bone": bone, "body": body, "canal": canal, "cord": cord, "foramina": foramina, "arch": arch}
 
 
 def _canal_sdf(u, v, cw: float, cd: float) -> np.ndarray:
@@ -313,7 +357,8 @@ def _atlas_sdf(u, v, g: dict) -> dict[str, np.ndarray]:
     fc = (g["ring_a"] + g["mass_a"] + 1.0, cy - 1.5)
     transverse = np.minimum(
         _sd_ellipse(ua - fc[0], v - fc[1], g["foramen_r"] + 2.3, g["foramen_r"] + 2.0),
-        _sd_segment(ua, v, fc, (fc[0] + g["tp_len"], fc[1] - 1.0), 2.8, 2.2))
+        _sd_segment(ua, v, fc, (fc[0] + g["tp_len"], fc[1] - 1.0), 2.8, 2.2),
+    )
     foramina = np.hypot(ua - fc[0], v - fc[1]) - g["foramen_r"]
     tubercle = _sd_ellipse(u, v - (cy + g["ring_b"] + 0.5), 3.0, 2.5)
     ring = _smin(_smin(ring_d, mass, 1.5), tubercle, 1.0)
@@ -324,8 +369,15 @@ def _atlas_sdf(u, v, g: dict) -> dict[str, np.ndarray]:
     anterior_arch = np.maximum(ring_d, v - (cy - g["ring_b"] + 4.0))
     canal = _sd_ellipse(u, v - (dens_c + g["dens_r"] + g["canal_d"] - 1.0), g["canal_w"] * 0.75, g["canal_d"])
     cord = _sd_ellipse(u, v - (dens_c + g["dens_r"] + g["canal_d"] - 0.5), 6.5, 4.8)
-    return {"bone": bone, "body": anterior_arch, "canal": canal, "cord": cord,
-            "foramina": foramina, "arch": ring, "dens": dens}
+    return {
+        "bone": bone,
+        "body": anterior_arch,
+        "canal": canal,
+        "cord": cord,
+        "foramina": foramina,
+        "arch": ring,
+        "dens": dens,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,9 +411,16 @@ def _fracture_plan(g: dict, ftype: str, difficulty: float, rng: np.random.Genera
         plan["disp"] *= 1.6
         n_breaks = {"posterior": 1, "linear": 1, "burst": int(rng.integers(2, 5))}[ftype]
         sites = _break_sites(g, ftype, n_breaks, rng)
-        for (px, py, bar_angle) in sites:
-            plan["cuts"].append({"p0": (px, py), "angle": bar_angle + 90 + float(rng.uniform(-25, 25)),
-                                 "region": "local", "move": side, "radius": 9.0})
+        for px, py, bar_angle in sites:
+            plan["cuts"].append(
+                {
+                    "p0": (px, py),
+                    "angle": bar_angle + 90 + float(rng.uniform(-25, 25)),
+                    "region": "local",
+                    "move": side,
+                    "radius": 9.0,
+                }
+            )
     else:
         raise ValueError(f"unknown fracture type {ftype!r}; choose one of {FRACTURE_TYPES}")
     plan["jitter"] = (float(rng.uniform(0.15, 0.4)), float(rng.uniform(0.5, 1.2)), float(rng.uniform(0, 6.28)))
@@ -373,8 +432,10 @@ def _break_sites(g: dict, ftype: str, n: int, rng) -> list[tuple[float, float, f
     if g["level"] == "C1":
         cy, a, b = g["ring_cy"], g["ring_a"], g["ring_b"]
         # around the ring: anterior arch (~ -90°) and posterior arch (~ +90°), off the lateral masses
-        choices = [-90 + rng.uniform(-35, 35) if (ftype != "posterior" and i % 2 == 0) else 90 + rng.uniform(-40, 40)
-                   for i in range(n)]
+        choices = [
+            -90 + rng.uniform(-35, 35) if (ftype != "posterior" and i % 2 == 0) else 90 + rng.uniform(-40, 40)
+            for i in range(n)
+        ]
         sites = []
         for t in choices:
             tr = np.deg2rad(t)
@@ -509,7 +570,7 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     sy = sp.spine_y_mm
     back = sp.neck_b_back
     for sgn in (-1, 1):
-        for (cx, cy, ea, eb, cut) in ((16, 0.55, 11, 0.28, 0.0), (27, 0.35, 14, 0.4, -6.0)):
+        for cx, cy, ea, eb, cut in ((16, 0.55, 11, 0.28, 0.0), (27, 0.35, 14, 0.4, -6.0)):
             arc = np.abs(_sd_ellipse(*_rot(x, y, sgn * cx, sy + cy * back, sgn * 15), ea, eb * back)) - 0.45
             paint(np.maximum(arc, -(y - (sy + cut))), sp.fat_hu, "fat")
     paint(_sd_segment(x, y, (0, sy + 42), (0, back - 4), 0.6), sp.fat_hu, "fat")
@@ -573,7 +634,11 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     # bone: cortical shell around trabecular cancellous bone
     tex = ndimage.gaussian_filter(rng.standard_normal(u.shape), 0.55 / px)
     tex /= tex.std() + 1e-9
-    canc = sp.cancellous_hu + 90.0 * tex + 25.0 * ndimage.gaussian_filter(rng.standard_normal(u.shape), 2.5 / px) * (2.5 / px)
+    canc = (
+        sp.cancellous_hu
+        + 90.0 * tex
+        + 25.0 * ndimage.gaussian_filter(rng.standard_normal(u.shape), 2.5 / px) * (2.5 / px)
+    )
     inner = _coverage(bone_sd + sp.cortical_mm, px)
     bone_hu = sp.cortical_hu * (1 - inner) + canc * inner
     alpha = _coverage(bone_sd, px)
@@ -612,8 +677,9 @@ def kernel_mtf(n: int, px: float, sigma_mm: float, boost: float) -> np.ndarray:
     return np.exp(-2 * (np.pi * sigma_mm * f) ** 2) * (1.0 + boost * (f / f_nyq) ** 2)
 
 
-def nps_noise(shape: tuple[int, int], px: float, sd_hu: float, sigma_mm: float, boost: float,
-              rng: np.random.Generator) -> np.ndarray:
+def nps_noise(
+    shape: tuple[int, int], px: float, sd_hu: float, sigma_mm: float, boost: float, rng: np.random.Generator
+) -> np.ndarray:
     """Stationary FBP-like noise: white noise filtered to the power spectrum |f| · MTF(f)².
 
     The ramp |f| is what filtered back-projection does to independent detector noise; the linear
@@ -629,12 +695,13 @@ def nps_noise(shape: tuple[int, int], px: float, sd_hu: float, sigma_mm: float, 
 
 
 def _fov_circle(n: int) -> np.ndarray:
-    c = (np.arange(n) - (n - 1) / 2)
+    c = np.arange(n) - (n - 1) / 2
     return np.hypot(c[None, :], c[:, None]) <= n / 2 - 0.5
 
 
-def simulate_ct(hu_true: np.ndarray, px: float, subject: SubjectParams, rng: np.random.Generator,
-                model: str = "nps") -> np.ndarray:
+def simulate_ct(
+    hu_true: np.ndarray, px: float, subject: SubjectParams, rng: np.random.Generator, model: str = "nps"
+) -> np.ndarray:
     """Turn a true HU image into a reconstructed CT image (float32 HU), outside the field black.
 
     ``model="fbp"``: radon → Poisson counts at the subject's dose → ramp-filtered back-projection,
@@ -654,10 +721,14 @@ def simulate_ct(hu_true: np.ndarray, px: float, subject: SubjectParams, rng: np.
         sino_noisy = -np.log(np.maximum(counts, 1.0) / i0)
         mu_rec = iradon(sino_noisy, theta=theta, filter_name="ramp", circle=True) / px
         hu = (mu_rec / MU_WATER_PER_MM - 1.0) * 1000.0
-        hu = np.fft.irfft2(np.fft.rfft2(hu) * kernel_mtf(n, px, subject.kernel_sigma_mm, subject.kernel_boost), s=hu.shape)
+        hu = np.fft.irfft2(
+            np.fft.rfft2(hu) * kernel_mtf(n, px, subject.kernel_sigma_mm, subject.kernel_boost), s=hu.shape
+        )
     elif model == "nps":
-        hu = np.fft.irfft2(np.fft.rfft2(hu_true.astype(np.float64))
-                           * kernel_mtf(n, px, subject.kernel_sigma_mm, subject.kernel_boost), s=hu_true.shape)
+        hu = np.fft.irfft2(
+            np.fft.rfft2(hu_true.astype(np.float64)) * kernel_mtf(n, px, subject.kernel_sigma_mm, subject.kernel_boost),
+            s=hu_true.shape,
+        )
         # attenuation along the lateral and antero-posterior rays → noise grows with path length
         mu = np.clip(1.0 + hu_true / 1000.0, 0, None) * MU_WATER_PER_MM * px
         path = 0.5 * (np.exp(0.5 * mu.sum(axis=1))[:, None] + np.exp(0.5 * mu.sum(axis=0))[None, :])
@@ -755,14 +826,21 @@ def plan_dataset(cfg: SynthConfig) -> list[dict]:
         idx = by_subject[int(s)]
         m = min(int(rng.integers(1, 3)), len(idx), target - fractured)
         first = int(rng.integers(0, len(idx) - m + 1))
-        for i in idx[first:first + m]:
+        for i in idx[first : first + m]:
             rows[i]["label"] = "fracture"
             fractured += 1
     # not enough subjects for the fraction: extend injuries to a neighbouring level
     while fractured < target:
-        cand = [i for i, r in enumerate(rows) if "label" not in r and any(
-            rows[j].get("label") == "fracture" for j in (i - 1, i + 1)
-            if 0 <= j < len(rows) and rows[j]["subject_index"] == r["subject_index"])]
+        cand = [
+            i
+            for i, r in enumerate(rows)
+            if "label" not in r
+            and any(
+                rows[j].get("label") == "fracture"
+                for j in (i - 1, i + 1)
+                if 0 <= j < len(rows) and rows[j]["subject_index"] == r["subject_index"]
+            )
+        ]
         if not cand:
             cand = [i for i, r in enumerate(rows) if "label" not in r]
         rows[int(rng.choice(cand))]["label"] = "fracture"
@@ -770,7 +848,9 @@ def plan_dataset(cfg: SynthConfig) -> list[dict]:
     val_subjects = set(rng.permutation(n_subjects)[: int(round(cfg.val_fraction * n_subjects))].tolist())
     for i, r in enumerate(rows):
         r.setdefault("label", "normal")
-        r["fracture_type"] = str(rng.choice(FRACTURE_TYPES, p=[0.45, 0.3, 0.25])) if r["label"] == "fracture" else "none"
+        r["fracture_type"] = (
+            str(rng.choice(FRACTURE_TYPES, p=[0.45, 0.3, 0.25])) if r["label"] == "fracture" else "none"
+        )
         r["split"] = "val" if r["subject_index"] in val_subjects else "train"
         r["index"] = i
     return rows
@@ -781,19 +861,31 @@ def _render_row(args) -> tuple[dict, bytes, bytes | None]:
     cfg, row = args
     sub_rng = np.random.default_rng([cfg.seed, 2, row["subject_index"]])
     subject = sample_subject(sub_rng, f"S{row['subject_index']:05d}")
-    spec = SliceSpec(subject=subject, level=row["level"], fracture_type=row["fracture_type"],
-                     difficulty=cfg.difficulty if row["label"] == "fracture" else 0.0,
-                     seed=int(np.random.SeedSequence([cfg.seed, 3, row["index"]]).generate_state(1)[0]))
+    spec = SliceSpec(
+        subject=subject,
+        level=row["level"],
+        fracture_type=row["fracture_type"],
+        difficulty=cfg.difficulty if row["label"] == "fracture" else 0.0,
+        seed=int(np.random.SeedSequence([cfg.seed, 3, row["index"]]).generate_state(1)[0]),
+    )
     res = render_slice(spec, ct_model=cfg.ct_model)
     img_bytes = _png_bytes(res.image)
     mask_bytes = _png_bytes(res.mask.astype(np.uint8) * 255) if row["label"] == "fracture" else None
     out = {
-        "subject_id": subject.subject_id, "level": row["level"], "label": row["label"],
-        "fracture_type": row["fracture_type"], "difficulty": spec.difficulty if row["label"] == "fracture" else "",
-        "split": row["split"], "width": res.image.shape[1], "height": res.image.shape[0],
-        "pixel_mm": round(res.pixel_mm, 4), "dose": round(subject.dose, 3),
-        "window_width": subject.window[0], "window_level": subject.window[1],
-        "mask_pixels": int(res.mask.sum()), "index": row["index"],
+        "subject_id": subject.subject_id,
+        "level": row["level"],
+        "label": row["label"],
+        "fracture_type": row["fracture_type"],
+        "difficulty": spec.difficulty if row["label"] == "fracture" else "",
+        "split": row["split"],
+        "width": res.image.shape[1],
+        "height": res.image.shape[0],
+        "pixel_mm": round(res.pixel_mm, 4),
+        "dose": round(subject.dose, 3),
+        "window_width": subject.window[0],
+        "window_level": subject.window[1],
+        "mask_pixels": int(res.mask.sum()),
+        "index": row["index"],
     }
     return out, img_bytes, mask_bytes
 
@@ -816,8 +908,12 @@ def _is_our_dataset(out: Path) -> bool:
 
 def dataset_marker(cfg: SynthConfig) -> dict:
     """What identifies a generated dataset: generator, version, source hash and parameters."""
-    return {"generator": "cspine_utils.phantom", "version": GENERATOR_VERSION,
-            "fingerprint": generator_fingerprint(), "params": asdict(cfg)}
+    return {
+        "generator": "cspine_utils.phantom",
+        "version": GENERATOR_VERSION,
+        "fingerprint": generator_fingerprint(),
+        "params": asdict(cfg),
+    }
 
 
 def is_up_to_date(out: str | os.PathLike, cfg: SynthConfig) -> bool:
@@ -830,8 +926,9 @@ def is_up_to_date(out: str | os.PathLike, cfg: SynthConfig) -> bool:
     return all(stored.get(k) == want[k] for k in ("version", "fingerprint", "params"))
 
 
-def generate_dataset(out: str | os.PathLike, cfg: SynthConfig, workers: int | None = None,
-                     progress: bool = True, force: bool = False):
+def generate_dataset(
+    out: str | os.PathLike, cfg: SynthConfig, workers: int | None = None, progress: bool = True, force: bool = False
+):
     """Write a synthetic dataset in the Kaggle layout and return its manifest (a DataFrame).
 
     Layout: ``<out>/{train,val}/{fracture,normal}/*.png``, ``<out>/masks/*.png`` (fracture
@@ -852,7 +949,8 @@ def generate_dataset(out: str | os.PathLike, cfg: SynthConfig, workers: int | No
     if out.is_dir() and any(out.iterdir()) and not _is_our_dataset(out):
         raise FileExistsError(
             f"output folder {out} is not empty and is not a synthetic dataset made by cspine "
-            f"(no {MARKER_NAME}); refusing to overwrite it. Choose an empty or new folder.")
+            f"(no {MARKER_NAME}); refusing to overwrite it. Choose an empty or new folder."
+        )
     if not force and is_up_to_date(out, cfg):
         return pd.read_csv(out / MANIFEST_NAME, keep_default_na=False)
     parent = out.parent
@@ -915,8 +1013,9 @@ def _write_all(tmp: Path, results, total: int, progress: bool, tqdm) -> list[dic
     return [{**{c: r[c] for c in cols}, **{k: v for k, v in r.items() if k not in cols}} for r in records]
 
 
-def kaggle_like_dataset(out: str | os.PathLike, n_sources: int = 12, copies: int = 6, seed: int = 0,
-                        val_share: float = 0.3) -> Path:
+def kaggle_like_dataset(
+    out: str | os.PathLike, n_sources: int = 12, copies: int = 6, seed: int = 0, val_share: float = 0.3
+) -> Path:
     """Write a small dataset with the *flaws* of the public Kaggle set, for teaching the audit.
 
     Layout ``<out>/cervical fracture/{train,val}/{fracture,normal}/`` with Kaggle-style names
@@ -941,8 +1040,13 @@ def kaggle_like_dataset(out: str | os.PathLike, n_sources: int = 12, copies: int
         label = "fracture" if k % 2 == 0 else "normal"
         level = str(rng.choice(["C1", "C2"] if label == "fracture" else ["C5", "C6", "C7"]))
         subject = replace(sample_subject(rng, f"K{k}"), matrix=512)
-        spec = SliceSpec(subject, level, str(rng.choice(FRACTURE_TYPES)) if label == "fracture" else "none",
-                         0.3, int(rng.integers(2**31)))
+        spec = SliceSpec(
+            subject,
+            level,
+            str(rng.choice(FRACTURE_TYPES)) if label == "fracture" else "none",
+            0.3,
+            int(rng.integers(2**31)),
+        )
         original = Image.fromarray(render_slice(spec).image)
         stem = f"SYN{'F' if label == 'fracture' else 'N'}{k} ({int(rng.integers(1, 40))})"
         original.save(root / "train" / label / f"{stem}.png")

@@ -47,7 +47,7 @@ __all__ = [
     "crop_to_roi",
     "resize_with_pad",
     "load_and_preprocess",
-    "RandomAffine",
+    "RandomAffine",  # noqa: F822 (created lazily by __getattr__)
     "augmentation_layers",
     "make_dataset",
     "shuffle_batch_augment",
@@ -74,7 +74,7 @@ _MAX_BRIGHTNESS = 0.05  # added grey level, fraction of the [0, 1] range
 # --------------------------------------------------------------------------------------------
 # Labels
 # --------------------------------------------------------------------------------------------
-def label_to_int(labels: Sequence[str] | "pd.Series") -> np.ndarray:
+def label_to_int(labels: Sequence[str] | pd.Series) -> np.ndarray:
     """Map label names to integers: ``"normal"`` -> 0, ``"fracture"`` -> 1.
 
     Parameters
@@ -96,9 +96,7 @@ def label_to_int(labels: Sequence[str] | "pd.Series") -> np.ndarray:
     for i, label in enumerate(labels):
         key = str(label).strip().lower()
         if key not in index:
-            raise ValueError(
-                f"unknown label {label!r} in row {i}; expected one of {', '.join(CLASS_NAMES)}"
-            )
+            raise ValueError(f"unknown label {label!r} in row {i}; expected one of {', '.join(CLASS_NAMES)}")
         out[i] = index[key]
     return out
 
@@ -175,10 +173,8 @@ def roi_bbox(
     padded = np.pad(bone, ((0, -h % f), (0, -w % f)))
     coarse = padded.reshape(padded.shape[0] // f, f, padded.shape[1] // f, f).any(axis=(1, 3))
     radius = max(1, int(round(0.02 * side / f)))
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    regions = ndimage.binary_fill_holes(
-        ndimage.binary_dilation(coarse, structure=(yy**2 + xx**2) <= radius**2)
-    )
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    regions = ndimage.binary_fill_holes(ndimage.binary_dilation(coarse, structure=(yy**2 + xx**2) <= radius**2))
     labels, _ = ndimage.label(regions)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0  # background
@@ -244,16 +240,17 @@ def resize_with_pad(img: np.ndarray, size: int) -> np.ndarray:
     new_w = min(size, max(1, int(round(w * scale))))
     if (new_h, new_w) != (h, w):
         pil = Image.fromarray(np.ascontiguousarray(arr), mode="F")
-        arr = np.asarray(pil.resize((new_w, new_h), resample=Image.Resampling.BILINEAR),
-                         dtype=np.float32)
+        arr = np.asarray(pil.resize((new_w, new_h), resample=Image.Resampling.BILINEAR), dtype=np.float32)
     out = np.zeros((size, size), dtype=np.float32)
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top:top + new_h, left:left + new_w] = np.clip(arr, 0.0, 1.0)
+    out[top : top + new_h, left : left + new_w] = np.clip(arr, 0.0, 1.0)
     return out
 
 
 def load_and_preprocess(
-    path: str | os.PathLike, image_size: int, crop_roi: bool = False,
+    path: str | os.PathLike,
+    image_size: int,
+    crop_roi: bool = False,
     max_pixels: int | None = None,
 ) -> np.ndarray:
     """Read one image file and turn it into a model input.
@@ -342,13 +339,22 @@ def _random_affine_class() -> type:
         Random only with ``training=True``; otherwise the input is returned unchanged.
         """
 
-        def __init__(self, rotation: float = 8.0, translation: float = 0.06,
-                     zoom: float = 0.08, horizontal_flip: bool = True,
-                     fill_value: float = 0.0, seed: int | None = None, **kwargs):
+        def __init__(
+            self,
+            rotation: float = 8.0,
+            translation: float = 0.06,
+            zoom: float = 0.08,
+            horizontal_flip: bool = True,
+            fill_value: float = 0.0,
+            seed: int | None = None,
+            **kwargs,
+        ):
             super().__init__(**kwargs)
-            for name, value, upper in (("rotation", rotation, 180.0),
-                                       ("translation", translation, 1.0),
-                                       ("zoom", zoom, 0.9)):
+            for name, value, upper in (
+                ("rotation", rotation, 180.0),
+                ("translation", translation, 1.0),
+                ("zoom", zoom, 0.9),
+            ):
                 if not np.isfinite(value) or not 0.0 <= float(value) <= upper:
                     raise ValueError(f"{name} must be in [0, {upper}], got {value!r}")
             self.rotation = float(rotation)
@@ -361,8 +367,7 @@ def _random_affine_class() -> type:
             self.supports_masking = False
 
         def _uniform(self, n, low: float, high: float):
-            return keras.random.uniform((n,), minval=low, maxval=high,
-                                        seed=self.seed_generator)
+            return keras.random.uniform((n,), minval=low, maxval=high, seed=self.seed_generator)
 
         def call(self, images, training: bool = True):
             if not training:
@@ -392,12 +397,16 @@ def _random_affine_class() -> type:
             ox, oy = cx + tx, cy + ty
             zeros = ops.zeros_like(angle)
             transform = ops.stack(
-                [m00, m01, cx - m00 * ox - m01 * oy,
-                 m10, m11, cy - m10 * ox - m11 * oy,
-                 zeros, zeros], axis=1)
+                [m00, m01, cx - m00 * ox - m01 * oy, m10, m11, cy - m10 * ox - m11 * oy, zeros, zeros], axis=1
+            )
             out = ops.image.affine_transform(
-                images, transform, interpolation="bilinear", fill_mode="constant",
-                fill_value=self.fill_value, data_format="channels_last")
+                images,
+                transform,
+                interpolation="bilinear",
+                fill_mode="constant",
+                fill_value=self.fill_value,
+                data_format="channels_last",
+            )
             return out[0] if unbatched else out
 
         def compute_output_shape(self, input_shape):
@@ -405,9 +414,14 @@ def _random_affine_class() -> type:
 
         def get_config(self) -> dict:
             config = super().get_config()
-            config.update(rotation=self.rotation, translation=self.translation, zoom=self.zoom,
-                          horizontal_flip=self.horizontal_flip, fill_value=self.fill_value,
-                          seed=self.seed)
+            config.update(
+                rotation=self.rotation,
+                translation=self.translation,
+                zoom=self.zoom,
+                horizontal_flip=self.horizontal_flip,
+                fill_value=self.fill_value,
+                seed=self.seed,
+            )
             return config
 
     return RandomAffine
@@ -420,7 +434,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def augmentation_layers(strength: float = 1.0, seed: int | None = None) -> "keras.Sequential":
+def augmentation_layers(strength: float = 1.0, seed: int | None = None) -> keras.Sequential:
     """Random augmentations suited to axial CT slices, as a ``keras.Sequential``.
 
     At ``strength=1``:
@@ -479,14 +493,21 @@ def augmentation_layers(strength: float = 1.0, seed: int | None = None) -> "kera
 
     random_affine = _random_affine_class()
     layers = [
-        random_affine(rotation=strength * _MAX_ROTATION_DEG,
-                      translation=strength * _MAX_TRANSLATION,
-                      zoom=strength * _MAX_ZOOM, horizontal_flip=True, fill_value=0.0,
-                      seed=layer_seed(0), name="random_affine"),
-        keras.layers.RandomContrast(strength * _MAX_CONTRAST, value_range=(0.0, 1.0),
-                                    seed=layer_seed(1), name="random_contrast"),
-        keras.layers.RandomBrightness(strength * _MAX_BRIGHTNESS, value_range=(0.0, 1.0),
-                                      seed=layer_seed(2), name="random_brightness"),
+        random_affine(
+            rotation=strength * _MAX_ROTATION_DEG,
+            translation=strength * _MAX_TRANSLATION,
+            zoom=strength * _MAX_ZOOM,
+            horizontal_flip=True,
+            fill_value=0.0,
+            seed=layer_seed(0),
+            name="random_affine",
+        ),
+        keras.layers.RandomContrast(
+            strength * _MAX_CONTRAST, value_range=(0.0, 1.0), seed=layer_seed(1), name="random_contrast"
+        ),
+        keras.layers.RandomBrightness(
+            strength * _MAX_BRIGHTNESS, value_range=(0.0, 1.0), seed=layer_seed(2), name="random_brightness"
+        ),
     ]
     return keras.Sequential(layers, name="augmentation")
 
@@ -494,13 +515,11 @@ def augmentation_layers(strength: float = 1.0, seed: int | None = None) -> "kera
 # --------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------
-def _manifest_paths_labels(manifest: "pd.DataFrame") -> tuple[list[str], np.ndarray]:
+def _manifest_paths_labels(manifest: pd.DataFrame) -> tuple[list[str], np.ndarray]:
     """Validate a manifest; return its paths (str) and integer labels (0/1)."""
     missing = [c for c in ("path", "label") if c not in getattr(manifest, "columns", ())]
     if missing:
-        raise ValueError(
-            f"manifest must be a DataFrame with columns 'path' and 'label'; missing {missing}"
-        )
+        raise ValueError(f"manifest must be a DataFrame with columns 'path' and 'label'; missing {missing}")
     if len(manifest) == 0:
         raise ValueError("manifest is empty: no images to load")
     paths = [str(p) for p in manifest["path"]]
@@ -525,7 +544,7 @@ def _cache_file(cache_dir: Path, paths: Sequence[str], image_size: int, crop_roi
 
 
 def make_dataset(
-    manifest: "pd.DataFrame",
+    manifest: pd.DataFrame,
     image_size: int,
     batch_size: int,
     training: bool,
@@ -534,7 +553,7 @@ def make_dataset(
     cache: bool | str | os.PathLike = True,
     seed: int = 0,
     shuffle: bool | None = None,
-) -> "tf.data.Dataset":
+) -> tf.data.Dataset:
     """A ``tf.data`` pipeline over a manifest: decode -> cache -> shuffle -> batch -> augment.
 
     Steps:
@@ -627,13 +646,19 @@ def make_dataset(
         cache_dir = Path(cache)
         cache_dir.mkdir(parents=True, exist_ok=True)
         ds = ds.cache(str(_cache_file(cache_dir, paths, image_size, crop_roi)))
-    return shuffle_batch_augment(ds, len(paths), batch_size, shuffle=do_shuffle,
-                                 augment_strength=augment_strength if do_augment else 0.0,
-                                 seed=seed)
+    return shuffle_batch_augment(
+        ds,
+        len(paths),
+        batch_size,
+        shuffle=do_shuffle,
+        augment_strength=augment_strength if do_augment else 0.0,
+        seed=seed,
+    )
 
 
-def shuffle_batch_augment(ds: "tf.data.Dataset", n: int, batch_size: int, *, shuffle: bool,
-                          augment_strength: float = 0.0, seed: int = 0) -> "tf.data.Dataset":
+def shuffle_batch_augment(
+    ds: tf.data.Dataset, n: int, batch_size: int, *, shuffle: bool, augment_strength: float = 0.0, seed: int = 0
+) -> tf.data.Dataset:
     """Steps 3-6 of :func:`make_dataset` on a dataset of single ``(image, label)`` pairs:
     shuffle (a full buffer of ``n``, reshuffled each epoch, seeded), batch (the last, smaller
     batch kept), augment (:func:`augmentation_layers` at ``augment_strength``; none at 0) and
@@ -654,7 +679,7 @@ def shuffle_batch_augment(ds: "tf.data.Dataset", n: int, batch_size: int, *, shu
 
 
 def load_arrays(
-    manifest: "pd.DataFrame",
+    manifest: pd.DataFrame,
     image_size: int,
     crop_roi: bool = False,
     errors: Literal["warn", "raise"] = "warn",
@@ -713,8 +738,7 @@ def load_arrays(
         kept.append(i)
     if skipped and errors == "warn":
         lines = "\n".join(f"  {why}" if p in why else f"  {p}: {why}" for p, why in skipped)
-        warnings.warn(f"load_arrays skipped {len(skipped)} unreadable file(s):\n{lines}",
-                      UserWarning, stacklevel=2)
+        warnings.warn(f"load_arrays skipped {len(skipped)} unreadable file(s):\n{lines}", UserWarning, stacklevel=2)
     size = int(image_size)
     X = np.stack(images) if images else np.zeros((0, size, size, 1), dtype=np.float32)
     y = labels[kept]

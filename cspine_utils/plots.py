@@ -9,8 +9,17 @@ import numpy as np
 
 from . import config
 
-__all__ = ["save_figure", "pyplot", "phantom_montage", "labelled_slice", "sample_grid", "class_mean_images",
-           "intensity_histograms", "learning_curves", "model_diagram"]
+__all__ = [
+    "save_figure",
+    "pyplot",
+    "phantom_montage",
+    "labelled_slice",
+    "sample_grid",
+    "class_mean_images",
+    "intensity_histograms",
+    "learning_curves",
+    "model_diagram",
+]
 
 
 def save_figure(fig, name: str, folder: str | Path | None = None, dpi: int = 110) -> Path:
@@ -42,8 +51,9 @@ def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float 
         diff = 0.0 if title == "normal" else difficulties[r - 1]
         for c, (ftype, level) in enumerate(cells):
             subject = phantom.sample_subject(rng, f"M{r}{c}")
-            spec = phantom.SliceSpec(subject=subject, level=level, fracture_type=ftype, difficulty=diff,
-                                     seed=int(rng.integers(2**31)))
+            spec = phantom.SliceSpec(
+                subject=subject, level=level, fracture_type=ftype, difficulty=diff, seed=int(rng.integers(2**31))
+            )
             res = phantom.render_slice(spec)
             ax = axes[r, c]
             img, mask = res.image, res.mask
@@ -60,10 +70,20 @@ def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float 
             label = "normal" if ftype == "none" else ftype
             ax.set_title(f"{level} · {label} · {res.image.shape[0]} px" + ("" if c == 0 else " (zoom)"), fontsize=9)
             ax.axis("off")
-        axes[r, 0].text(-0.08, 0.5, title, transform=axes[r, 0].transAxes, rotation=90,
-                        va="center", ha="right", fontsize=11, weight="bold")
-    fig.suptitle("Synthetic cervical-spine CT (bone window); red: fracture mask. Teaching data, not patients.",
-                 fontsize=12)
+        axes[r, 0].text(
+            -0.08,
+            0.5,
+            title,
+            transform=axes[r, 0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=11,
+            weight="bold",
+        )
+    fig.suptitle(
+        "Synthetic cervical-spine CT (bone window); red: fracture mask. Teaching data, not patients.", fontsize=12
+    )
     fig.tight_layout()
     return fig
 
@@ -83,9 +103,14 @@ def pyplot():
 
 # Structures to point at in the labelled slice: tissue label, text, which component to pick.
 _ANATOMY_LABELS = (
-    ("cortical", "cortical bone"), ("cancellous", "cancellous bone (vertebral body)"),
-    ("cord", "spinal cord"), ("csf", "CSF in the canal"), ("airway", "airway (air)"),
-    ("muscle", "muscle"), ("fat", "subcutaneous fat"), ("vessel", "carotid / jugular vessels"),
+    ("cortical", "cortical bone"),
+    ("cancellous", "cancellous bone (vertebral body)"),
+    ("cord", "spinal cord"),
+    ("csf", "CSF in the canal"),
+    ("airway", "airway (air)"),
+    ("muscle", "muscle"),
+    ("fat", "subcutaneous fat"),
+    ("vessel", "carotid / jugular vessels"),
 )
 
 
@@ -106,7 +131,9 @@ def labelled_slice(level: str = "C5", seed: int = 3):
     subject = dataclasses.replace(subject, matrix=512, fov_mm=170.0, rotation_deg=0.0, shift_mm=(0.0, 0.0))
     res = phantom.render_slice(phantom.SliceSpec(subject, level, "none", 0.0, seed))
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
-    for ax, (name, (w, lvl)) in zip(axes, (("bone window 2000/500", (2000, 500)), ("soft-tissue window 400/40", (400, 40)))):
+    for ax, (name, (w, lvl)) in zip(
+        axes, (("bone window 2000/500", (2000, 500)), ("soft-tissue window 400/40", (400, 40)))
+    ):
         ax.imshow(phantom.window_to_uint8(res.hu, w, lvl), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"synthetic {level}, {name}")
         ax.axis("off")
@@ -124,11 +151,21 @@ def labelled_slice(level: str = "C5", seed: int = 3):
         side = -1 if k % 2 == 0 else 1
         tx = n * (0.5 + side * 0.47)
         ty = n * (0.08 + 0.11 * k)
-        ax.annotate(f"{text}\n{hu:+.0f} HU", xy=(x, y), xytext=(tx, ty), color="yellow", fontsize=8,
-                    ha="left" if side < 0 else "right",
-                    arrowprops={"arrowstyle": "->", "color": "yellow", "lw": 0.8})
-    fig.suptitle("What an axial cervical CT slice shows (synthetic phantom; anterior at the top, "
-                 "patient's left on the image right)", fontsize=11, y=1.01)
+        ax.annotate(
+            f"{text}\n{hu:+.0f} HU",
+            xy=(x, y),
+            xytext=(tx, ty),
+            color="yellow",
+            fontsize=8,
+            ha="left" if side < 0 else "right",
+            arrowprops={"arrowstyle": "->", "color": "yellow", "lw": 0.8},
+        )
+    fig.suptitle(
+        "What an axial cervical CT slice shows (synthetic phantom; anterior at the top, "
+        "patient's left on the image right)",
+        fontsize=11,
+        y=1.01,
+    )
     fig.tight_layout()
     return fig
 
@@ -244,9 +281,17 @@ def model_diagram(model, max_layers: int = 40):
     plt = pyplot()
     layers = [layer for layer in model.layers][:max_layers]
     fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(layers) + 0.6))
-    colours = {"Conv2D": "#8ecae6", "BatchNormalization": "#ffb703", "Activation": "#fb8500",
-               "ReLU": "#fb8500", "MaxPooling2D": "#90be6d", "GlobalAveragePooling2D": "#90be6d",
-               "Dropout": "#cdb4db", "Dense": "#f28482", "InputLayer": "#dddddd"}
+    colours = {
+        "Conv2D": "#8ecae6",
+        "BatchNormalization": "#ffb703",
+        "Activation": "#fb8500",
+        "ReLU": "#fb8500",
+        "MaxPooling2D": "#90be6d",
+        "GlobalAveragePooling2D": "#90be6d",
+        "Dropout": "#cdb4db",
+        "Dense": "#f28482",
+        "InputLayer": "#dddddd",
+    }
     for i, layer in enumerate(layers):
         kind = type(layer).__name__
         try:

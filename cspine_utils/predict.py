@@ -61,8 +61,10 @@ __all__ = [
     "results_to_frame",
 ]
 
-NOT_FOR_DIAGNOSIS = ("Teaching tool, not for diagnosis: these models were trained on small or "
-                     "synthetic data and must never be used to make decisions about a patient.")
+NOT_FOR_DIAGNOSIS = (
+    "Teaching tool, not for diagnosis: these models were trained on small or "
+    "synthetic data and must never be used to make decisions about a patient."
+)
 """The note shown by the GUI and printed (once, on stderr) by ``cspine predict``."""
 
 SUPPORTED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"})
@@ -73,9 +75,11 @@ SUPPORTED_TYPES_TEXT = "PNG, JPEG, BMP, TIFF or DICOM (.dcm)"
 BUNDLE_PREFERENCE = ("vgg16", "cnn")
 """Bundle folder names under ``artifacts/models/`` in order of preference for the default."""
 
-NO_MODEL_HINT = ("run notebooks/03_cnn_training.ipynb first (it trains the compact CNN and saves "
-                 "the bundle 'cnn'); notebooks/04_vgg_finetuning_tuner.ipynb adds 'vgg16'; "
-                 "`make run` runs them all")
+NO_MODEL_HINT = (
+    "run notebooks/03_cnn_training.ipynb first (it trains the compact CNN and saves "
+    "the bundle 'cnn'); notebooks/04_vgg_finetuning_tuner.ipynb adds 'vgg16'; "
+    "`make run` runs them all"
+)
 """What to do when no bundle exists yet."""
 
 
@@ -124,8 +128,7 @@ class PredictionResult:
 
     def to_dict(self) -> dict:
         """``{"file", "probability", "label", "error"}`` (+ ``"gradcam"`` when one was written)."""
-        out = {"file": self.file, "probability": self.probability, "label": self.label,
-               "error": self.error}
+        out = {"file": self.file, "probability": self.probability, "label": self.label, "error": self.error}
         if self.gradcam_file is not None:
             out["gradcam"] = self.gradcam_file
         return out
@@ -157,10 +160,12 @@ def find_bundles(models_dir: str | os.PathLike | None = None) -> dict[str, Path]
     root = _models_dir(models_dir)
     if not root.is_dir():
         return {}
-    found = {p.name: p for p in sorted(root.iterdir())
-             if p.is_dir() and not p.name.startswith(".") and (p / BUNDLE_FILE).is_file()}
-    order = [n for n in BUNDLE_PREFERENCE if n in found] + sorted(
-        n for n in found if n not in BUNDLE_PREFERENCE)
+    found = {
+        p.name: p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and (p / BUNDLE_FILE).is_file()
+    }
+    order = [n for n in BUNDLE_PREFERENCE if n in found] + sorted(n for n in found if n not in BUNDLE_PREFERENCE)
     return {n: found[n] for n in order}
 
 
@@ -271,7 +276,7 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str | No
 def _strip_path(message: str, path: str) -> str:
     for prefix in (f"{path}: ", f"{path}:", path):
         if message.startswith(prefix):
-            return message[len(prefix):].strip()
+            return message[len(prefix) :].strip()
     return message.replace(path, "the file").strip()
 
 
@@ -322,14 +327,14 @@ def _unsupported(path: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Prediction
 # --------------------------------------------------------------------------------------------
-def _load_one(path: str, bundle: "Bundle", max_pixels: int) -> np.ndarray:
+def _load_one(path: str, bundle: Bundle, max_pixels: int) -> np.ndarray:
     from . import pipeline  # noqa: PLC0415
 
     crop = bool(bundle.preprocessing.get("crop_roi", False))
     return pipeline.load_and_preprocess(path, bundle.image_size, crop_roi=crop, max_pixels=max_pixels)
 
 
-def probabilities(bundle: "Bundle", images: np.ndarray, batch_size: int) -> np.ndarray:
+def probabilities(bundle: Bundle, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Fracture probabilities ``(N,)`` of model inputs ``(N, S, S, 1)``.
 
     The same model and numbers as :meth:`Bundle.predict_proba`, but batches go through
@@ -339,12 +344,14 @@ def probabilities(bundle: "Bundle", images: np.ndarray, batch_size: int) -> np.n
     if images.shape[1:] != (bundle.image_size, bundle.image_size, bundle.channels):
         return bundle.predict_proba(images, batch_size=batch_size)  # its error names the shape
     step = max(1, int(batch_size))
-    out = [np.asarray(bundle.model.predict_on_batch(images[i:i + step]), dtype=np.float32).reshape(-1)
-           for i in range(0, images.shape[0], step)]
+    out = [
+        np.asarray(bundle.model.predict_on_batch(images[i : i + step]), dtype=np.float32).reshape(-1)
+        for i in range(0, images.shape[0], step)
+    ]
     return np.concatenate(out)
 
 
-def gradcam_heatmaps(bundle: "Bundle", images: np.ndarray) -> np.ndarray:
+def gradcam_heatmaps(bundle: Bundle, images: np.ndarray) -> np.ndarray:
     """Grad-CAM heat maps ``(N, S, S)`` in [0, 1] of model inputs ``(N, S, S, 1)``
     (:func:`cspine_utils.explain.gradcam` at the bundle model's Grad-CAM layer)."""
     from . import explain  # noqa: PLC0415 - Grad-CAM lives in explain.py
@@ -375,7 +382,7 @@ def _unique_png(out_dir: Path, stem: str, used: set[str]) -> Path:
 
 def _predict_entries(
     entries: Sequence[tuple[str, str | None, str | None]],
-    bundle: "Bundle",
+    bundle: Bundle,
     threshold: float | None,
     *,
     gradcam: bool,
@@ -439,7 +446,7 @@ def _predict_entries(
 
 def predict_paths(
     paths: Iterable[str | os.PathLike],
-    bundle: "Bundle",
+    bundle: Bundle,
     threshold: float | None = None,
     gradcam_dir: str | os.PathLike | None = None,
     *,
@@ -487,8 +494,16 @@ def predict_paths(
     thr = check_threshold(threshold)
     limit = int(max_pixels or data.DEFAULT_MAX_PIXELS)
     entries = [(name, None if err else name, err) for name, err in expand_paths(paths)]
-    return _predict_entries(entries, bundle, thr, gradcam=False, gradcam_dir=gradcam_dir,
-                            max_pixels=limit, batch_size=batch_size, keep_images=keep_images)
+    return _predict_entries(
+        entries,
+        bundle,
+        thr,
+        gradcam=False,
+        gradcam_dir=gradcam_dir,
+        max_pixels=limit,
+        batch_size=batch_size,
+        keep_images=keep_images,
+    )
 
 
 def _safe_suffix(name: str) -> str:
@@ -499,7 +514,7 @@ def _safe_suffix(name: str) -> str:
 def predict_bytes(
     name: str,
     content: bytes | bytearray | memoryview,
-    bundle: "Bundle",
+    bundle: Bundle,
     threshold: float | None = None,
     *,
     gradcam: bool = False,
@@ -533,15 +548,30 @@ def predict_bytes(
     shown = Path(str(name)).name or "upload"
     unsupported = _unsupported(shown) if _safe_suffix(shown) else None
     if unsupported is not None:
-        return _predict_entries([(shown, None, unsupported)], bundle, thr, gradcam=False,
-                                gradcam_dir=None, max_pixels=limit, batch_size=1, keep_images=False)[0]
+        return _predict_entries(
+            [(shown, None, unsupported)],
+            bundle,
+            thr,
+            gradcam=False,
+            gradcam_dir=None,
+            max_pixels=limit,
+            batch_size=1,
+            keep_images=False,
+        )[0]
     fd, tmp = tempfile.mkstemp(prefix="cspine_upload_", suffix=_safe_suffix(shown))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(bytes(content))
-        result = _predict_entries([(shown, tmp, None)], bundle, thr, gradcam=gradcam,
-                                  gradcam_dir=None, max_pixels=limit, batch_size=1,
-                                  keep_images=True)[0]
+        result = _predict_entries(
+            [(shown, tmp, None)],
+            bundle,
+            thr,
+            gradcam=gradcam,
+            gradcam_dir=None,
+            max_pixels=limit,
+            batch_size=1,
+            keep_images=True,
+        )[0]
     finally:
         try:
             os.remove(tmp)
@@ -557,6 +587,9 @@ def results_to_frame(results: Sequence[PredictionResult]):
     import pandas as pd  # noqa: PLC0415
 
     return pd.DataFrame(
-        [{"file": r.file, "probability": r.probability, "label": r.label,
-          "threshold": r.threshold, "error": r.error} for r in results],
-        columns=["file", "probability", "label", "threshold", "error"])
+        [
+            {"file": r.file, "probability": r.probability, "label": r.label, "threshold": r.threshold, "error": r.error}
+            for r in results
+        ],
+        columns=["file", "probability", "label", "threshold", "error"],
+    )

@@ -22,15 +22,23 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from . import config
 
-__all__ = ["NotebookFailed", "NotebookRun", "course_notebooks", "select_notebooks", "run_course", "refresh_checked_outputs",
-           "render_report", "KEY_FIGURES"]
+__all__ = [
+    "NotebookFailed",
+    "NotebookRun",
+    "course_notebooks",
+    "select_notebooks",
+    "run_course",
+    "refresh_checked_outputs",
+    "render_report",
+    "KEY_FIGURES",
+]
 
 # Figures shown inline in the report index, in this order, when they exist.
 KEY_FIGURES = (
@@ -55,7 +63,8 @@ class NotebookFailed(RuntimeError):
         where = f"cell {cell}" if cell is not None else "an unknown cell"
         super().__init__(
             f"notebook {notebook} failed in {where}: {error}. The partially executed notebook is "
-            f"kept at {partial}. Fix the problem and resume with: cspine run --from {notebook[:2]}")
+            f"kept at {partial}. Fix the problem and resume with: cspine run --from {notebook[:2]}"
+        )
 
 
 @dataclass
@@ -81,6 +90,7 @@ def course_notebooks(notebooks_dir: str | os.PathLike | None = None) -> list[Pat
 
 def select_notebooks(notebooks: list[Path], only: str | None = None, start_from: str | None = None) -> list[Path]:
     """Filter by ``only`` ("03,04") or ``start_from`` ("04"): numbers or name prefixes."""
+
     def key(token: str) -> str:
         token = token.strip()
         return token.zfill(2) if token.isdigit() else token
@@ -143,10 +153,17 @@ def _fmt(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}" if seconds >= 60 else f"{seconds:.0f}s"
 
 
-def run_course(profile: str | None = None, data_dir: str | os.PathLike | None = None, *, only: str | None = None,
-               start_from: str | None = None, notebooks_dir: str | os.PathLike | None = None,
-               report_dir: str | os.PathLike | None = None, render: bool = True,
-               log: Callable[[str], None] = print) -> list[NotebookRun]:
+def run_course(
+    profile: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    only: str | None = None,
+    start_from: str | None = None,
+    notebooks_dir: str | os.PathLike | None = None,
+    report_dir: str | os.PathLike | None = None,
+    render: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[NotebookRun]:
     """Execute the course notebooks with papermill, then render the report.
 
     Parameters
@@ -173,8 +190,11 @@ def run_course(profile: str | None = None, data_dir: str | os.PathLike | None = 
     executed.mkdir(parents=True, exist_ok=True)
     all_notebooks = course_notebooks(notebooks_dir)
     chosen = select_notebooks(all_notebooks, only, start_from)
-    env = {"CSPINE_PROFILE": prof.name, "CSPINE_REPORT_DIR": str(report.resolve()),
-           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    env = {
+        "CSPINE_PROFILE": prof.name,
+        "CSPINE_REPORT_DIR": str(report.resolve()),
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    }
     if data_dir:
         data_path = Path(data_dir).expanduser()
         if not data_path.exists():
@@ -187,15 +207,16 @@ def run_course(profile: str | None = None, data_dir: str | os.PathLike | None = 
     total_start = time.perf_counter()
     try:
         for i, nb in enumerate(chosen, 1):
-            remaining = sum(timings.get(n.stem, 0.0) for n in chosen[i - 1:])
+            remaining = sum(timings.get(n.stem, 0.0) for n in chosen[i - 1 :])
             eta = f", ETA {_fmt(remaining)} for the rest (previous run)" if remaining else ""
             log(f"[{i}/{len(chosen)}] {nb.stem} (profile {prof.name}{eta}) ...")
             out = executed / nb.name
             start = time.perf_counter()
             params = {"PROFILE": prof.name, "DATA_DIR": env.get("CSPINE_DATA_DIR", "")}
             try:
-                papermill.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3",
-                                           progress_bar=False, cwd=str(nb.parent))
+                papermill.execute_notebook(
+                    str(nb), str(out), parameters=params, kernel_name="python3", progress_bar=False, cwd=str(nb.parent)
+                )
             except papermill.PapermillExecutionError as exc:
                 raise NotebookFailed(nb.name, _failing_cell(out), f"{exc.ename}: {exc.evalue}", out) from None
             seconds = time.perf_counter() - start
@@ -210,16 +231,23 @@ def run_course(profile: str | None = None, data_dir: str | os.PathLike | None = 
             else:
                 os.environ[k] = v
     if render:
-        index = render_report(report_dir=report, notebooks_dir=notebooks_dir, profile=prof.name,
-                              data_dir=env.get("CSPINE_DATA_DIR"))
+        index = render_report(
+            report_dir=report, notebooks_dir=notebooks_dir, profile=prof.name, data_dir=env.get("CSPINE_DATA_DIR")
+        )
         log(f"report: {index}")
     return runs
 
 
 def _git_commit(path: Path) -> str:
     try:
-        out = subprocess.run(["git", "log", "-1", "--format=%H", "--", "."], cwd=path, capture_output=True,
-                             text=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "log", "-1", "--format=%H", "--", "."],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -251,29 +279,41 @@ def _collect_facts(report: Path, notebooks: list[Path], profile: str, data_dir: 
     bundles = {}
     for bundle_json in sorted((art / "models").glob("*/bundle.json")):
         b = _read_json(bundle_json) or {}
-        bundles[bundle_json.parent.name] = {"weights": (b.get("weights") or {}).get("description", "random init (trained from scratch)")
-                                            if b.get("weights") else "none: trained from scratch",
-                                            "threshold": b.get("threshold"), "image_size": b.get("image_size"),
-                                            "val_metrics": b.get("val_metrics")}
+        bundles[bundle_json.parent.name] = {
+            "weights": (b.get("weights") or {}).get("description", "random init (trained from scratch)")
+            if b.get("weights")
+            else "none: trained from scratch",
+            "threshold": b.get("threshold"),
+            "image_size": b.get("image_size"),
+            "val_metrics": b.get("val_metrics"),
+        }
     metrics = _read_json(art / "metrics" / "combined.json")
     return {
         "rendered": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notebooks_commit": _git_commit(notebooks[0].parent) if notebooks else "unknown",
         "profile": profile,
         "data_source": data_dir or f"synthetic phantom (default dataset of the {profile} profile)",
-        "notebooks": [{"name": nb.stem, "html": f"html/{nb.stem}.html", "seconds": timings.get(nb.stem)}
-                      for nb in notebooks],
+        "notebooks": [
+            {"name": nb.stem, "html": f"html/{nb.stem}.html", "seconds": timings.get(nb.stem)} for nb in notebooks
+        ],
         "total_seconds": round(sum(v for k, v in timings.items() if any(k == nb.stem for nb in notebooks)), 1),
-        "audit": {k: audit.get(k) for k in ("n_files", "n_rejected", "n_groups", "leaking_groups",
-                                            "shortcut_auc", "warnings") if k in audit},
+        "audit": {
+            k: audit.get(k)
+            for k in ("n_files", "n_rejected", "n_groups", "leaking_groups", "shortcut_auc", "warnings")
+            if k in audit
+        },
         "bundles": bundles,
         "metrics": metrics,
         "versions": _versions(),
     }
 
 
-def render_report(report_dir: str | os.PathLike | None = None, notebooks_dir: str | os.PathLike | None = None,
-                  profile: str | None = None, data_dir: str | None = None) -> Path:
+def render_report(
+    report_dir: str | os.PathLike | None = None,
+    notebooks_dir: str | os.PathLike | None = None,
+    profile: str | None = None,
+    data_dir: str | None = None,
+) -> Path:
     """Render executed notebooks to HTML and write ``index.html``, ``README.md`` and ``run.json``."""
     import nbformat  # noqa: PLC0415
     from nbconvert import HTMLExporter  # noqa: PLC0415
@@ -298,8 +338,17 @@ def render_report(report_dir: str | os.PathLike | None = None, notebooks_dir: st
     return report / "index.html"
 
 
-_METRIC_COLUMNS = ("model", "weights", "n", "ROC AUC [95% CI]", "PR AUC [95% CI]", "sensitivity (youden)",
-                   "specificity (youden)", "sensitivity (sens95)", "specificity (sens95)")
+_METRIC_COLUMNS = (
+    "model",
+    "weights",
+    "n",
+    "ROC AUC [95% CI]",
+    "PR AUC [95% CI]",
+    "sensitivity (youden)",
+    "specificity (youden)",
+    "sensitivity (sens95)",
+    "specificity (sens95)",
+)
 
 
 def _metrics_table(facts: dict) -> tuple[list[str], list[list[str]]]:
@@ -317,30 +366,57 @@ def _num(value, digits: int = 3) -> str:
 
 
 def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
-    lines = ["# Cervical spine fracture detection on CT — the rendered course", "",
-             "> Teaching project, not a medical device. Results are on a synthetic phantom unless stated otherwise.", "",
-             f"Profile **{facts['profile']}** · data: {facts['data_source']} · rendered {facts['rendered']} · "
-             f"notebooks at commit `{facts['notebooks_commit'][:12]}`", "", "## Notebooks", "",
-             "| notebook | wall time |", "|---|---|"]
+    lines = [
+        "# Cervical spine fracture detection on CT — the rendered course",
+        "",
+        "> Teaching project, not a medical device. Results are on a synthetic phantom unless stated otherwise.",
+        "",
+        f"Profile **{facts['profile']}** · data: {facts['data_source']} · rendered {facts['rendered']} · "
+        f"notebooks at commit `{facts['notebooks_commit'][:12]}`",
+        "",
+        "## Notebooks",
+        "",
+        "| notebook | wall time |",
+        "|---|---|",
+    ]
     for nb in facts["notebooks"]:
         secs = f"{nb['seconds']:.0f} s" if nb["seconds"] is not None else "not run"
         lines.append(f"| [{nb['name']}]({nb['html']}) | {secs} |")
     lines += ["", f"Total: {facts['total_seconds']:.0f} s", ""]
     header, rows = _metrics_table(facts)
     if rows:
-        lines += ["## Test-set metrics (95 % CIs by grouped bootstrap)", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+        lines += (
+            [
+                "## Test-set metrics (95 % CIs by grouped bootstrap)",
+                "",
+                "| " + " | ".join(header) + " |",
+                "|" + "---|" * len(header),
+            ]
+            + ["| " + " | ".join(r) + " |" for r in rows]
+            + [""]
+        )
         paired = (facts.get("metrics") or {}).get("paired_test")
         if paired:
             lines += [f"Paired bootstrap test of the AUC difference: {paired}", ""]
     if facts["bundles"]:
-        lines += ["## Models and weights", ""] + [f"- **{k}**: {v['weights']}; threshold {_num(v['threshold'])}, "
-                                                   f"{v['image_size']} px" for k, v in facts["bundles"].items()] + [""]
+        lines += (
+            ["## Models and weights", ""]
+            + [
+                f"- **{k}**: {v['weights']}; threshold {_num(v['threshold'])}, {v['image_size']} px"
+                for k, v in facts["bundles"].items()
+            ]
+            + [""]
+        )
     audit = facts.get("audit") or {}
     if audit:
-        lines += ["## Dataset audit", "", f"{audit.get('n_files')} files, {audit.get('n_groups')} source groups, "
-                  f"{audit.get('n_rejected')} rejected, leaking groups: {len(audit.get('leaking_groups') or [])}, "
-                  f"shortcut AUC: {audit.get('shortcut_auc')}", ""]
+        lines += [
+            "## Dataset audit",
+            "",
+            f"{audit.get('n_files')} files, {audit.get('n_groups')} source groups, "
+            f"{audit.get('n_rejected')} rejected, leaking groups: {len(audit.get('leaking_groups') or [])}, "
+            f"shortcut AUC: {audit.get('shortcut_auc')}",
+            "",
+        ]
         lines += [f"- {w}" for w in audit.get("warnings") or []] + [""]
     for name, caption in figures:
         lines += [f"### {caption}", "", f"![{caption}](figures/{name}.png)", ""]
@@ -348,30 +424,48 @@ def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _seconds_text(seconds: float | None) -> str:
+    return "not run" if seconds is None else f"{seconds:.0f} s"
+
+
 def _html(facts: dict, figures: list[tuple[str, str]]) -> str:
     e = html.escape
-    rows = "".join(f"<tr><td><a href='{e(nb['html'])}'>{e(nb['name'])}</a></td><td>"
-                   f"{'%.0f s' % nb['seconds'] if nb['seconds'] is not None else 'not run'}</td></tr>"
-                   for nb in facts["notebooks"])
+    rows = "".join(
+        f"<tr><td><a href='{e(nb['html'])}'>{e(nb['name'])}</a></td><td>{_seconds_text(nb['seconds'])}</td></tr>"
+        for nb in facts["notebooks"]
+    )
     header, metric_rows = _metrics_table(facts)
     metrics = ""
     if metric_rows:
         paired = (facts.get("metrics") or {}).get("paired_test")
-        metrics = ("<h2>Test-set metrics (95 % CIs by grouped bootstrap)</h2><table><tr>"
-                   + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-                   + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in metric_rows) + "</table>"
-                   + (f"<p>Paired bootstrap test of the AUC difference: {e(str(paired))}</p>" if paired else ""))
-    bundles = "".join(f"<li><b>{e(k)}</b>: {e(str(v['weights']))}; threshold {e(_num(v['threshold']))}, "
-                      f"{e(str(v['image_size']))} px</li>" for k, v in facts["bundles"].items())
+        metrics = (
+            "<h2>Test-set metrics (95 % CIs by grouped bootstrap)</h2><table><tr>"
+            + "".join(f"<th>{e(h)}</th>" for h in header)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in metric_rows)
+            + "</table>"
+            + (f"<p>Paired bootstrap test of the AUC difference: {e(str(paired))}</p>" if paired else "")
+        )
+    bundles = "".join(
+        f"<li><b>{e(k)}</b>: {e(str(v['weights']))}; threshold {e(_num(v['threshold']))}, "
+        f"{e(str(v['image_size']))} px</li>"
+        for k, v in facts["bundles"].items()
+    )
     audit = facts.get("audit") or {}
     audit_html = ""
     if audit:
-        audit_html = (f"<h2>Dataset audit</h2><p>{e(str(audit.get('n_files')))} files, {e(str(audit.get('n_groups')))} "
-                      f"source groups, {e(str(audit.get('n_rejected')))} rejected, leaking groups: "
-                      f"{len(audit.get('leaking_groups') or [])}, shortcut AUC: {e(str(audit.get('shortcut_auc')))}</p>"
-                      + "<ul>" + "".join(f"<li>{e(w)}</li>" for w in audit.get("warnings") or []) + "</ul>")
-    figs = "".join(f"<figure><img src='figures/{e(n)}.png' alt='{e(c)}'><figcaption>{e(c)}</figcaption></figure>"
-                   for n, c in figures)
+        audit_html = (
+            f"<h2>Dataset audit</h2><p>{e(str(audit.get('n_files')))} files, {e(str(audit.get('n_groups')))} "
+            f"source groups, {e(str(audit.get('n_rejected')))} rejected, leaking groups: "
+            f"{len(audit.get('leaking_groups') or [])}, shortcut AUC: {e(str(audit.get('shortcut_auc')))}</p>"
+            + "<ul>"
+            + "".join(f"<li>{e(w)}</li>" for w in audit.get("warnings") or [])
+            + "</ul>"
+        )
+    figs = "".join(
+        f"<figure><img src='figures/{e(n)}.png' alt='{e(c)}'><figcaption>{e(c)}</figcaption></figure>"
+        for n, c in figures
+    )
     versions = ", ".join(f"{e(k)} {e(str(v))}" for k, v in facts["versions"].items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Cervical spine fracture detection on CT - course report</title>
@@ -381,12 +475,12 @@ img{{max-width:100%}}figure{{margin:1.5em 0}}.note{{background:#fff3cd;padding:.
 </head><body>
 <h1>Cervical spine fracture detection on CT — the rendered course</h1>
 <p class="note">Teaching project, not a medical device. Results are on a synthetic phantom unless stated otherwise.</p>
-<p>Profile <b>{e(facts['profile'])}</b> · data: {e(str(facts['data_source']))} · rendered {e(facts['rendered'])} ·
-notebooks at commit <code>{e(facts['notebooks_commit'][:12])}</code></p>
+<p>Profile <b>{e(facts["profile"])}</b> · data: {e(str(facts["data_source"]))} · rendered {e(facts["rendered"])} ·
+notebooks at commit <code>{e(facts["notebooks_commit"][:12])}</code></p>
 <h2>Notebooks</h2><table><tr><th>notebook</th><th>wall time</th></tr>{rows}</table>
-<p>Total: {facts['total_seconds']:.0f} s</p>
+<p>Total: {facts["total_seconds"]:.0f} s</p>
 {metrics}
-{'<h2>Models and weights</h2><ul>' + bundles + '</ul>' if bundles else ''}
+{"<h2>Models and weights</h2><ul>" + bundles + "</ul>" if bundles else ""}
 {audit_html}
 <h2>Key figures</h2>{figs}
 <h2>Versions</h2><p>{versions}</p>

@@ -120,7 +120,7 @@ __all__ = [
     "build_head",
     "transplant_head",
     "compile_for_search",
-    "VGGHyperModel",
+    "VGGHyperModel",  # noqa: F822 (created lazily by __getattr__)
     "hyperparameters_from_values",
     "make_tuner",
     "default_distribution_strategy",
@@ -144,8 +144,16 @@ TUNER_KINDS = ("hyperband", "bayesian", "random")
 #: What the tuner maximises: the validation ROC AUC (the metric ``auc`` on validation data).
 OBJECTIVE = "val_auc"
 #: The hyperparameters of :class:`VGGHyperModel`, in the order of the results table.
-HYPERPARAMETERS = ("head_units", "dropout", "optimizer", "lr_head", "unfreeze_blocks",
-                   "lr_finetune", "augment_strength", "batch_size")
+HYPERPARAMETERS = (
+    "head_units",
+    "dropout",
+    "optimizer",
+    "lr_head",
+    "unfreeze_blocks",
+    "lr_finetune",
+    "augment_strength",
+    "batch_size",
+)
 FEATURE_LAYER = "avg_pool"
 FEATURE_DIM = models.VGG16_FEATURE_DIM  # pooled block 4 + block 5
 HEAD_LAYERS = ("head_norm", "head_dense", models.OUTPUT_LAYER)
@@ -154,8 +162,17 @@ RESULTS_FILE = "results.csv"
 RUN_FILE = "run.json"  # per trial: seconds and the tuner that ran it
 _CACHE_FORMAT = 1
 #: Settings recorded for information only; they may change between a search and its resume.
-_UNCOMPARED_SETTINGS = ("created", "resumed", "seed", "max_trials", "weights", "n_train",
-                        "n_val", "profile", "versions")
+_UNCOMPARED_SETTINGS = (
+    "created",
+    "resumed",
+    "seed",
+    "max_trials",
+    "weights",
+    "n_train",
+    "n_val",
+    "profile",
+    "versions",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +202,7 @@ def _write_json(path: Path, record: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def _manifest_key(manifest: "pd.DataFrame") -> str:
+def _manifest_key(manifest: pd.DataFrame) -> str:
     """:func:`models.manifest_fingerprint` with paths relative to their common folder, so that
     moving the dataset (or mounting it elsewhere on a worker) keeps the fingerprint."""
     paths = [os.path.abspath(str(p)) for p in manifest["path"]]
@@ -217,9 +234,17 @@ class TuningData:
         Side ``S`` of the images, pixels.
     """
 
-    def __init__(self, *, image_size: int, train_fingerprint: str, val_fingerprint: str,
-                 loader: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
-                 n_train: int, n_val: int, crop_roi: bool = False):
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        train_fingerprint: str,
+        val_fingerprint: str,
+        loader: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+        n_train: int,
+        n_val: int,
+        crop_roi: bool = False,
+    ):
         self.image_size = _positive_int("image_size", image_size)
         self.train_fingerprint = train_fingerprint
         self.val_fingerprint = val_fingerprint
@@ -235,8 +260,7 @@ class TuningData:
         return hashlib.sha256(both.encode()).hexdigest()
 
     @classmethod
-    def from_manifest(cls, manifest: "pd.DataFrame", image_size: int,
-                      crop_roi: bool = False) -> "TuningData":
+    def from_manifest(cls, manifest: pd.DataFrame, image_size: int, crop_roi: bool = False) -> TuningData:
         """Use the rows with ``split == "train"`` and ``split == "val"`` of a manifest.
 
         Raises
@@ -252,13 +276,18 @@ class TuningData:
             x_val, y_val = pipeline.load_arrays(val, size, crop_roi=crop_roi)
             return x_train, y_train, x_val, y_val
 
-        return cls(image_size=size, train_fingerprint=_manifest_key(train),
-                   val_fingerprint=_manifest_key(val), loader=load, n_train=len(train),
-                   n_val=len(val), crop_roi=crop_roi)
+        return cls(
+            image_size=size,
+            train_fingerprint=_manifest_key(train),
+            val_fingerprint=_manifest_key(val),
+            loader=load,
+            n_train=len(train),
+            n_val=len(val),
+            crop_roi=crop_roi,
+        )
 
     @classmethod
-    def from_arrays(cls, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-                    y_val: np.ndarray) -> "TuningData":
+    def from_arrays(cls, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray) -> TuningData:
         """Use images already in memory: ``x`` ``(N, S, S, 1)`` float32 in [0, 1], ``y`` ``(N,)``
         0/1 labels."""
         arrays = []
@@ -271,12 +300,18 @@ class TuningData:
                 raise ValueError(f"x_{name} has {len(x)} images but y_{name} has {len(y)} labels")
             arrays += [x, y]
         if arrays[0].shape[1:] != arrays[2].shape[1:]:
-            raise ValueError(f"train images {arrays[0].shape[1:]} and validation images "
-                             f"{arrays[2].shape[1:]} differ in size")
+            raise ValueError(
+                f"train images {arrays[0].shape[1:]} and validation images {arrays[2].shape[1:]} differ in size"
+            )
         frozen = tuple(arrays)
-        return cls(image_size=int(arrays[0].shape[1]), train_fingerprint=_array_key(*arrays[:2]),
-                   val_fingerprint=_array_key(*arrays[2:]), loader=lambda: frozen,
-                   n_train=len(arrays[0]), n_val=len(arrays[2]))
+        return cls(
+            image_size=int(arrays[0].shape[1]),
+            train_fingerprint=_array_key(*arrays[:2]),
+            val_fingerprint=_array_key(*arrays[2:]),
+            loader=lambda: frozen,
+            n_train=len(arrays[0]),
+            n_val=len(arrays[2]),
+        )
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(x_train, y_train, x_val, y_val)``: images ``(N, S, S, 1)`` float32, labels ``(N,)``
@@ -286,38 +321,40 @@ class TuningData:
         return self._arrays
 
 
-def _train_val(manifest: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+def _train_val(manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     columns = getattr(manifest, "columns", ())
     missing = [c for c in ("path", "label", "split") if c not in columns]
     if missing:
-        raise ValueError(f"manifest needs columns path, label and split; missing {missing} "
-                         "(make one with data.choose_split)")
+        raise ValueError(
+            f"manifest needs columns path, label and split; missing {missing} (make one with data.choose_split)"
+        )
     split = manifest["split"].astype(str).str.strip().str.lower()
     train, val = manifest[split == "train"], manifest[split == "val"]
     for name, part in (("train", train), ("val", val)):
         if len(part) == 0:
-            raise ValueError(f"manifest has no rows with split == {name!r}; splits found: "
-                             f"{sorted(set(split))}")
+            raise ValueError(f"manifest has no rows with split == {name!r}; splits found: {sorted(set(split))}")
     return train, val
 
 
-def _image_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, training: bool,
-                   augment_strength: float = 0.0, seed: int = 0) -> "tf.data.Dataset":
+def _image_dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, training: bool, augment_strength: float = 0.0, seed: int = 0
+) -> tf.data.Dataset:
     """:func:`pipeline.shuffle_batch_augment` on arrays already in memory, so trials do not
     decode the files again."""
     import tensorflow as tf  # noqa: PLC0415
 
     ds = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y.astype(np.float32)))
-    return pipeline.shuffle_batch_augment(ds, len(x), batch_size, shuffle=training,
-                                          augment_strength=augment_strength if training else 0.0,
-                                          seed=seed)
+    return pipeline.shuffle_batch_augment(
+        ds, len(x), batch_size, shuffle=training, augment_strength=augment_strength if training else 0.0, seed=seed
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # The frozen base and its cached output
 # --------------------------------------------------------------------------------------------
-def _build_classifier(image_size: int, info: models.WeightsInfo, seed: int, *,
-                      head_units: int = 128, dropout: float = 0.4) -> "keras.Model":
+def _build_classifier(
+    image_size: int, info: models.WeightsInfo, seed: int, *, head_units: int = 128, dropout: float = 0.4
+) -> keras.Model:
     """:func:`models.build_vgg16_classifier` whose base is the same in every call.
 
     Pretrained weights are the same anyway; random initialisation is made repeatable by seeding
@@ -327,15 +364,15 @@ def _build_classifier(image_size: int, info: models.WeightsInfo, seed: int, *,
 
     if not info.pretrained:
         keras.utils.set_random_seed(int(seed))
-    model, _ = models.build_vgg16_classifier(image_size, weights=info, head_units=head_units,
-                                             dropout=dropout)
+    model, _ = models.build_vgg16_classifier(image_size, weights=info, head_units=head_units, dropout=dropout)
     return model
 
 
 def vgg16_feature_extractor(
-    image_size: int, weights: str | os.PathLike | models.WeightsInfo | None = "auto",
+    image_size: int,
+    weights: str | os.PathLike | models.WeightsInfo | None = "auto",
     seed: int = 0,
-) -> tuple["keras.Model", models.WeightsInfo]:
+) -> tuple[keras.Model, models.WeightsInfo]:
     """The frozen VGG16 base of the classifier, pooled: image -> ``avg_pool`` features.
 
     Parameters
@@ -356,8 +393,7 @@ def vgg16_feature_extractor(
 
     info = models.resolve_vgg16_weights(weights)
     full = _build_classifier(image_size, info, seed)
-    extractor = keras.Model(full.inputs, full.get_layer(FEATURE_LAYER).output,
-                            name="vgg16_features")
+    extractor = keras.Model(full.inputs, full.get_layer(FEATURE_LAYER).output, name="vgg16_features")
     return extractor, info
 
 
@@ -404,10 +440,16 @@ class FeatureCache:
         ``hits`` (memory), ``disk_hits``, ``misses`` and ``build_seconds`` (time spent computing).
     """
 
-    def __init__(self, image_size: int,
-                 weights: str | os.PathLike | models.WeightsInfo | None = "auto",
-                 *, copies: int = DEFAULT_COPIES, seed: int = 0,
-                 cache_dir: str | os.PathLike | None = None, batch_size: int = 32):
+    def __init__(
+        self,
+        image_size: int,
+        weights: str | os.PathLike | models.WeightsInfo | None = "auto",
+        *,
+        copies: int = DEFAULT_COPIES,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = 32,
+    ):
         self.image_size = _positive_int("image_size", image_size, minimum=models.VGG16_MIN_SIZE)
         self.weights_info = models.resolve_vgg16_weights(weights)
         self.copies = _positive_int("copies", copies)
@@ -415,7 +457,7 @@ class FeatureCache:
         self.batch_size = _positive_int("batch_size", batch_size)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._memory: dict[str, np.ndarray] = {}
-        self._extractor: "keras.Model | None" = None
+        self._extractor: keras.Model | None = None
         self.stats = {"hits": 0, "disk_hits": 0, "misses": 0, "build_seconds": 0.0}
 
     def key(self, fingerprint: str, strength: float) -> str:
@@ -424,10 +466,14 @@ class FeatureCache:
 
         s = _strength(strength)
         parts = {
-            "format": _CACHE_FORMAT, "image_size": self.image_size, "features": FEATURE_DIM,
+            "format": _CACHE_FORMAT,
+            "image_size": self.image_size,
+            "features": FEATURE_DIM,
             "policy": keras.mixed_precision.global_policy().name,  # float16 features on a GPU
-            "weights": _weights_key(self.weights_info, self.seed), "data": str(fingerprint),
-            "strength": round(s, 6), "copies": self.copies if s > 0 else 1,
+            "weights": _weights_key(self.weights_info, self.seed),
+            "data": str(fingerprint),
+            "strength": round(s, 6),
+            "copies": self.copies if s > 0 else 1,
             "seed": self.seed if s > 0 else None,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -438,8 +484,7 @@ class FeatureCache:
         name = f"vgg16_S{self.image_size}_{self.weights_info.source}_aug{strength:g}_{key}.npz"
         return self.cache_dir / name
 
-    def get(self, images: np.ndarray, strength: float = 0.0, *,
-            fingerprint: str | None = None) -> np.ndarray:
+    def get(self, images: np.ndarray, strength: float = 0.0, *, fingerprint: str | None = None) -> np.ndarray:
         """Features of ``images`` at an augmentation strength, computed on the first request.
 
         Parameters
@@ -460,8 +505,9 @@ class FeatureCache:
         x = np.asarray(images, dtype=np.float32)
         expected = (self.image_size, self.image_size, 1)
         if x.ndim != 4 or x.shape[1:] != expected:
-            raise ValueError(f"images must have shape (N, {self.image_size}, {self.image_size}, 1) "
-                             f"for this cache, got {x.shape}")
+            raise ValueError(
+                f"images must have shape (N, {self.image_size}, {self.image_size}, 1) for this cache, got {x.shape}"
+            )
         key = self.key(fingerprint or _array_key(x), s)
         if key in self._memory:
             self.stats["hits"] += 1
@@ -485,27 +531,40 @@ class FeatureCache:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, features=feats, meta=json.dumps(
-                {"strength": s, "copies": int(feats.shape[0]), "n": len(x),
-                 "image_size": self.image_size, "weights": self.weights_info.as_dict(),
-                 "seed": self.seed}))
+            np.savez(
+                tmp,
+                features=feats,
+                meta=json.dumps(
+                    {
+                        "strength": s,
+                        "copies": int(feats.shape[0]),
+                        "n": len(x),
+                        "image_size": self.image_size,
+                        "weights": self.weights_info.as_dict(),
+                        "seed": self.seed,
+                    }
+                ),
+            )
             os.replace(tmp, path)
         return feats
 
     def _compute(self, x: np.ndarray, strength: float) -> np.ndarray:
         if self._extractor is None:
-            self._extractor, _ = vgg16_feature_extractor(self.image_size, self.weights_info,
-                                                         self.seed)
+            self._extractor, _ = vgg16_feature_extractor(self.image_size, self.weights_info, self.seed)
         if strength == 0:
             batches = [x]
         else:
             batches = []
             for k in range(self.copies):
                 augment = pipeline.augmentation_layers(strength, seed=self.seed + 101 * k)
-                batches.append(np.concatenate([
-                    np.asarray(augment(x[i:i + self.batch_size], training=True))
-                    for i in range(0, len(x), self.batch_size)
-                ]))
+                batches.append(
+                    np.concatenate(
+                        [
+                            np.asarray(augment(x[i : i + self.batch_size], training=True))
+                            for i in range(0, len(x), self.batch_size)
+                        ]
+                    )
+                )
         feats = [self._extractor.predict(b, batch_size=self.batch_size, verbose=0) for b in batches]
         return np.stack(feats).astype(np.float32)
 
@@ -522,8 +581,7 @@ class FeatureCache:
 # --------------------------------------------------------------------------------------------
 # The head, alone and inside the classifier
 # --------------------------------------------------------------------------------------------
-def build_head(head_units: int = 128, dropout: float = 0.4, *,
-               name: str = "vgg16_head") -> "keras.Model":
+def build_head(head_units: int = 128, dropout: float = 0.4, *, name: str = "vgg16_head") -> keras.Model:
     """The classifier's head as a model of its own, trained on cached base features.
 
     ``features (1024,)`` -> ``head_norm`` BatchNormalization -> ``head_dense`` Dense(head_units,
@@ -544,12 +602,11 @@ def build_head(head_units: int = 128, dropout: float = 0.4, *,
     x = keras.layers.BatchNormalization(momentum=0.9, name="head_norm")(inputs)
     x = keras.layers.Dense(units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(rate, name="head_dropout")(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32",
-                                 name=models.OUTPUT_LAYER)(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=models.OUTPUT_LAYER)(x)
     return keras.Model(inputs, outputs, name=name)
 
 
-def transplant_head(head: "keras.Model", classifier: "keras.Model") -> "keras.Model":
+def transplant_head(head: keras.Model, classifier: keras.Model) -> keras.Model:
     """Copy the weights of ``head_norm``, ``head_dense`` and ``fracture_probability`` from ``head`` into
     ``classifier`` (same layer names); returns ``classifier``.
 
@@ -567,14 +624,15 @@ def transplant_head(head: "keras.Model", classifier: "keras.Model") -> "keras.Mo
         shapes = [w.shape for w in weights]
         expected = [tuple(w.shape) for w in target.weights]
         if shapes != expected:
-            raise ValueError(f"{layer_name}: the head has weights {shapes} but the classifier "
-                             f"needs {expected}; build both with the same head_units")
+            raise ValueError(
+                f"{layer_name}: the head has weights {shapes} but the classifier "
+                f"needs {expected}; build both with the same head_units"
+            )
         target.set_weights(weights)
     return classifier
 
 
-def compile_for_search(model: "keras.Model", learning_rate: float,
-                       optimizer: str = "adam") -> "keras.Model":
+def compile_for_search(model: keras.Model, learning_rate: float, optimizer: str = "adam") -> keras.Model:
     """Compile with binary cross-entropy and the one metric the tuner needs, ROC ``auc``.
 
     :func:`models.compile_binary_classifier` also tracks accuracy, precision and recall; each
@@ -583,9 +641,11 @@ def compile_for_search(model: "keras.Model", learning_rate: float,
     """
     import keras  # noqa: PLC0415
 
-    model.compile(optimizer=models.make_optimizer(optimizer, learning_rate),
-                  loss=keras.losses.BinaryCrossentropy(),
-                  metrics=[keras.metrics.AUC(name="auc")])
+    model.compile(
+        optimizer=models.make_optimizer(optimizer, learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.AUC(name="auc")],
+    )
     return model
 
 
@@ -594,8 +654,9 @@ def _feature_batches_class() -> type:
     import keras  # noqa: PLC0415
 
     class FeatureBatches(keras.utils.PyDataset):
-        def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int,
-                     seed: int = 0, first_epoch: int = 0):
+        def __init__(
+            self, features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0, first_epoch: int = 0
+        ):
             super().__init__()
             self.features, self.labels = features, labels.astype(np.float32)
             self.batch_size = int(batch_size)
@@ -607,7 +668,7 @@ def _feature_batches_class() -> type:
             return math.ceil(len(self.labels) / self.batch_size)
 
         def __getitem__(self, index: int):
-            rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+            rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
             return self.features[self.epoch % len(self.features)][rows], self.labels[rows]
 
         def on_epoch_end(self) -> None:
@@ -659,34 +720,44 @@ class _VGGHyperModelMethods:
         when it returns True, ``fit`` raises ``RuntimeError`` (to test failed-trial handling).
     """
 
-    def __init__(self, image_size: int,
-                 weights: str | os.PathLike | models.WeightsInfo | None = "auto",
-                 *, feature_cache: FeatureCache | None = None, seed: int = 0,
-                 copies: int = DEFAULT_COPIES,
-                 head_units: Sequence[int] = (64, 128, 256),
-                 dropout: tuple[float, float] = (0.2, 0.6),
-                 optimizers: Sequence[str] = ("adam", "sgd", "rmsprop"),
-                 lr_head: tuple[float, float] = (1e-4, 3e-3),
-                 lr_finetune: tuple[float, float] = (1e-5, 3e-4),
-                 unfreeze_blocks: Sequence[int] = (0, 1, 2, 3),
-                 strengths: Sequence[float] = CACHED_STRENGTHS,
-                 batch_sizes: Sequence[int] = (16, 32, 64),
-                 finetune_fraction: float = 0.5, class_weight: bool = True,
-                 distribution_strategy: "tf.distribute.Strategy | None" = None,
-                 fault_hook: Callable[[dict], bool] | None = None,
-                 name: str = "vgg16_transfer"):
+    def __init__(
+        self,
+        image_size: int,
+        weights: str | os.PathLike | models.WeightsInfo | None = "auto",
+        *,
+        feature_cache: FeatureCache | None = None,
+        seed: int = 0,
+        copies: int = DEFAULT_COPIES,
+        head_units: Sequence[int] = (64, 128, 256),
+        dropout: tuple[float, float] = (0.2, 0.6),
+        optimizers: Sequence[str] = ("adam", "sgd", "rmsprop"),
+        lr_head: tuple[float, float] = (1e-4, 3e-3),
+        lr_finetune: tuple[float, float] = (1e-5, 3e-4),
+        unfreeze_blocks: Sequence[int] = (0, 1, 2, 3),
+        strengths: Sequence[float] = CACHED_STRENGTHS,
+        batch_sizes: Sequence[int] = (16, 32, 64),
+        finetune_fraction: float = 0.5,
+        class_weight: bool = True,
+        distribution_strategy: tf.distribute.Strategy | None = None,
+        fault_hook: Callable[[dict], bool] | None = None,
+        name: str = "vgg16_transfer",
+    ):
         super().__init__(name=name, tunable=True)
         self.image_size = _positive_int("image_size", image_size, minimum=models.VGG16_MIN_SIZE)
         self.seed = _positive_int("seed", seed, minimum=0)
         if feature_cache is None:
             feature_cache = FeatureCache(self.image_size, weights, copies=copies, seed=self.seed)
         elif feature_cache.image_size != self.image_size:
-            raise ValueError(f"feature_cache is for {feature_cache.image_size} px images, "
-                             f"the hypermodel for {self.image_size} px")
-        elif not (isinstance(weights, str) and weights == "auto") and \
-                models.resolve_vgg16_weights(weights) != feature_cache.weights_info:
-            raise ValueError(f"weights {weights!r} differ from the feature cache's "
-                             f"({feature_cache.weights_info.description})")
+            raise ValueError(
+                f"feature_cache is for {feature_cache.image_size} px images, the hypermodel for {self.image_size} px"
+            )
+        elif (
+            not (isinstance(weights, str) and weights == "auto")
+            and models.resolve_vgg16_weights(weights) != feature_cache.weights_info
+        ):
+            raise ValueError(
+                f"weights {weights!r} differ from the feature cache's ({feature_cache.weights_info.description})"
+            )
         self.feature_cache = feature_cache
         self.weights_info = feature_cache.weights_info
         self.head_units = [_positive_int("head_units choice", u) for u in head_units]
@@ -701,8 +772,12 @@ class _VGGHyperModelMethods:
             raise ValueError(f"unfreeze_blocks choices must be 0-5, got {list(unfreeze_blocks)!r}")
         self.strengths = [_strength(s) for s in strengths]
         self.batch_sizes = [_positive_int("batch_sizes choice", b) for b in batch_sizes]
-        for name_, choices in (("head_units", self.head_units), ("optimizers", self.optimizers),
-                               ("strengths", self.strengths), ("batch_sizes", self.batch_sizes)):
+        for name_, choices in (
+            ("head_units", self.head_units),
+            ("optimizers", self.optimizers),
+            ("strengths", self.strengths),
+            ("batch_sizes", self.batch_sizes),
+        ):
             if not choices:
                 raise ValueError(f"{name_} needs at least one choice")
         self.finetune_fraction = float(finetune_fraction)
@@ -713,35 +788,39 @@ class _VGGHyperModelMethods:
         self.fault_hook = fault_hook
 
     @staticmethod
-    def _range(name: str, pair: tuple[float, float], lowest: float,
-               highest: float) -> tuple[float, float]:
+    def _range(name: str, pair: tuple[float, float], lowest: float, highest: float) -> tuple[float, float]:
         lo, hi = (float(v) for v in pair)
         if not (lowest <= lo <= hi <= highest):
-            raise ValueError(f"{name} must be (low, high) with {lowest:g} <= low <= high <= "
-                             f"{highest:g}, got {pair!r}")
+            raise ValueError(f"{name} must be (low, high) with {lowest:g} <= low <= high <= {highest:g}, got {pair!r}")
         return lo, hi
 
     # -- the search space ----------------------------------------------------------------
     def space(self) -> dict:
         """The search space as plain data (recorded in ``search_settings.json``)."""
         return {
-            "head_units": self.head_units, "dropout": list(self.dropout),
-            "optimizer": self.optimizers, "lr_head": list(self.lr_head),
-            "unfreeze_blocks": self.unfreeze_blocks, "lr_finetune": list(self.lr_finetune),
-            "augment_strength": self.strengths, "batch_size": self.batch_sizes,
-            "finetune_fraction": self.finetune_fraction, "copies": self.feature_cache.copies,
+            "head_units": self.head_units,
+            "dropout": list(self.dropout),
+            "optimizer": self.optimizers,
+            "lr_head": list(self.lr_head),
+            "unfreeze_blocks": self.unfreeze_blocks,
+            "lr_finetune": list(self.lr_finetune),
+            "augment_strength": self.strengths,
+            "batch_size": self.batch_sizes,
+            "finetune_fraction": self.finetune_fraction,
+            "copies": self.feature_cache.copies,
             "class_weight": self.class_weight,
         }
 
-    def hyperparameter_values(self, hp: "keras_tuner.HyperParameters") -> dict:
+    def hyperparameter_values(self, hp: keras_tuner.HyperParameters) -> dict:
         """Declare the space in ``hp`` (first call) and return this trial's values.
 
         ``lr_finetune`` is active only when ``unfreeze_blocks > 0`` (None otherwise).
         """
         values = {
             "head_units": hp.Choice("head_units", self.head_units),
-            "dropout": hp.Float("dropout", *self.dropout,
-                                step=0.1 if self.dropout[1] - self.dropout[0] >= 0.1 else None),
+            "dropout": hp.Float(
+                "dropout", *self.dropout, step=0.1 if self.dropout[1] - self.dropout[0] >= 0.1 else None
+            ),
             "optimizer": hp.Choice("optimizer", self.optimizers),
             "lr_head": hp.Float("lr_head", *self.lr_head, sampling="log"),
             "unfreeze_blocks": hp.Choice("unfreeze_blocks", self.unfreeze_blocks),
@@ -757,16 +836,24 @@ class _VGGHyperModelMethods:
         return values
 
     # -- KerasTuner's two methods ----------------------------------------------------------
-    def build(self, hp: "keras_tuner.HyperParameters") -> "keras.Model":
+    def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
         """The compiled head for this trial's ``head_units``, ``dropout``, ``optimizer`` and
         ``lr_head`` (:func:`build_head`, :func:`compile_for_search`)."""
         values = self.hyperparameter_values(hp)
         head = build_head(values["head_units"], values["dropout"])
         return compile_for_search(head, values["lr_head"], values["optimizer"])
 
-    def fit(self, hp: "keras_tuner.HyperParameters", model: "keras.Model", data: TuningData, *,
-            epochs: int = 1, initial_epoch: int = 0, callbacks: list | None = None,
-            verbose: int | str = 0) -> dict[str, float]:
+    def fit(
+        self,
+        hp: keras_tuner.HyperParameters,
+        model: keras.Model,
+        data: TuningData,
+        *,
+        epochs: int = 1,
+        initial_epoch: int = 0,
+        callbacks: list | None = None,
+        verbose: int | str = 0,
+    ) -> dict[str, float]:
         """Train one trial: the head on cached features, then (if unfrozen) the full model.
 
         Parameters
@@ -789,8 +876,7 @@ class _VGGHyperModelMethods:
         """
         values = self.hyperparameter_values(hp)
         if self.fault_hook is not None and self.fault_hook(dict(hp.values)):
-            raise RuntimeError(f"fault_hook rejected the hyperparameters {dict(hp.values)} "
-                               "(test-only fault injection)")
+            raise RuntimeError(f"fault_hook rejected the hyperparameters {dict(hp.values)} (test-only fault injection)")
         epochs = _positive_int("epochs", epochs)
         initial_epoch = _positive_int("initial_epoch", initial_epoch, minimum=0)
         if initial_epoch >= epochs:
@@ -799,16 +885,21 @@ class _VGGHyperModelMethods:
         batch, strength = int(values["batch_size"]), float(values["augment_strength"])
         class_weight = models.class_weights_from_labels(y_train) if self.class_weight else None
         try:
-            train_feats = self.feature_cache.get(x_train, strength,
-                                                 fingerprint=data.train_fingerprint)
+            train_feats = self.feature_cache.get(x_train, strength, fingerprint=data.train_fingerprint)
             val_feats = self.feature_cache.get(x_val, 0.0, fingerprint=data.val_fingerprint)[0]
         finally:
             self.feature_cache.release()
-        batches = _FeatureBatches()(train_feats, y_train, batch, seed=self.seed,
-                                    first_epoch=initial_epoch)
-        history = model.fit(batches, validation_data=(val_feats, y_val.astype(np.float32)),
-                            batch_size=None, epochs=epochs, initial_epoch=initial_epoch,
-                            class_weight=class_weight, callbacks=callbacks or [], verbose=verbose)
+        batches = _FeatureBatches()(train_feats, y_train, batch, seed=self.seed, first_epoch=initial_epoch)
+        history = model.fit(
+            batches,
+            validation_data=(val_feats, y_val.astype(np.float32)),
+            batch_size=None,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            class_weight=class_weight,
+            callbacks=callbacks or [],
+            verbose=verbose,
+        )
         head_auc = _best(history.history.get(OBJECTIVE, []))
         result = {OBJECTIVE: head_auc, "val_auc_head": head_auc}
         if values["unfreeze_blocks"] > 0:
@@ -819,11 +910,18 @@ class _VGGHyperModelMethods:
                 models.set_vgg_trainable(full, values["unfreeze_blocks"])
                 with self._scope():
                     compile_for_search(full, values["lr_finetune"], values["optimizer"])
-                train_ds = _image_dataset(x_train, y_train, batch, training=True,
-                                          augment_strength=strength, seed=self.seed)
+                train_ds = _image_dataset(
+                    x_train, y_train, batch, training=True, augment_strength=strength, seed=self.seed
+                )
                 val_ds = _image_dataset(x_val, y_val, batch, training=False)
-                h2 = full.fit(train_ds, validation_data=val_ds, epochs=finetune_epochs,
-                              class_weight=class_weight, shuffle=False, verbose=verbose)
+                h2 = full.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    epochs=finetune_epochs,
+                    class_weight=class_weight,
+                    shuffle=False,
+                    verbose=verbose,
+                )
             finally:
                 del full
                 gc.collect()
@@ -840,15 +938,19 @@ class _VGGHyperModelMethods:
             return contextlib.nullcontext()
         return self.distribution_strategy.scope()
 
-    def build_full_model(self, values: dict | "keras_tuner.HyperParameters") -> "keras.Model":
+    def build_full_model(self, values: dict | keras_tuner.HyperParameters) -> keras.Model:
         """The full classifier (base frozen) with this trial's ``head_units`` and ``dropout``,
         on the same base weights as the feature cache. Not compiled."""
         if not isinstance(values, dict):
             values = self.hyperparameter_values(values)
         with self._scope():
-            return _build_classifier(self.image_size, self.weights_info, self.seed,
-                                     head_units=int(values["head_units"]),
-                                     dropout=float(values["dropout"]))
+            return _build_classifier(
+                self.image_size,
+                self.weights_info,
+                self.seed,
+                head_units=int(values["head_units"]),
+                dropout=float(values["dropout"]),
+            )
 
 
 def _best(scores: Sequence[float]) -> float:
@@ -861,8 +963,11 @@ def _vgg_hypermodel_class() -> type:
     """Create (once) ``VGGHyperModel``, a subclass of ``keras_tuner.HyperModel``."""
     import keras_tuner  # noqa: PLC0415
 
-    cls = type("VGGHyperModel", (_VGGHyperModelMethods, keras_tuner.HyperModel),
-               {"__doc__": _VGGHyperModelMethods.__doc__, "__module__": __name__})
+    cls = type(
+        "VGGHyperModel",
+        (_VGGHyperModelMethods, keras_tuner.HyperModel),
+        {"__doc__": _VGGHyperModelMethods.__doc__, "__module__": __name__},
+    )
     return cls
 
 
@@ -873,7 +978,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def hyperparameters_from_values(hypermodel: Any, values: dict) -> "keras_tuner.HyperParameters":
+def hyperparameters_from_values(hypermodel: Any, values: dict) -> keras_tuner.HyperParameters:
     """A ``keras_tuner.HyperParameters`` with the space of ``hypermodel`` and the given values.
 
     Names not given keep their defaults; unknown names raise ``ValueError``.
@@ -919,10 +1024,17 @@ class _TrialBookkeeping:
 
         seconds = time.perf_counter() - getattr(self, "_trial_started", time.perf_counter())
         try:
-            _write_json(Path(self.get_trial_dir(trial.trial_id)) / RUN_FILE, {
-                "trial_id": trial.trial_id, "tuner_id": self.tuner_id, "seconds": seconds,
-                "status": trial.status, "host": socket.gethostname(), "pid": os.getpid(),
-            })
+            _write_json(
+                Path(self.get_trial_dir(trial.trial_id)) / RUN_FILE,
+                {
+                    "trial_id": trial.trial_id,
+                    "tuner_id": self.tuner_id,
+                    "seconds": seconds,
+                    "status": trial.status,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                },
+            )
             super().on_trial_end(trial)
         finally:
             keras.backend.clear_session()
@@ -933,8 +1045,11 @@ class _TrialBookkeeping:
 def _tuner_class(kind: str) -> type:
     import keras_tuner  # noqa: PLC0415
 
-    base = {"hyperband": keras_tuner.Hyperband, "bayesian": keras_tuner.BayesianOptimization,
-            "random": keras_tuner.RandomSearch}[kind]
+    base = {
+        "hyperband": keras_tuner.Hyperband,
+        "bayesian": keras_tuner.BayesianOptimization,
+        "random": keras_tuner.RandomSearch,
+    }[kind]
     return type(f"VGG{base.__name__}", (_TrialBookkeeping, base), {"__module__": __name__})
 
 
@@ -945,11 +1060,19 @@ def _check_kind(kind: str) -> str:
     return key
 
 
-def make_tuner(hypermodel: Any, kind: str = "hyperband", *, project_dir: str | os.PathLike,
-               max_trials: int | None = None, max_epochs: int = 6, seed: int = 0,
-               distribution_strategy: "tf.distribute.Strategy | None" = None,
-               max_consecutive_failed_trials: int = 3, overwrite: bool = False,
-               hyperband_factor: int = 3) -> "keras_tuner.Tuner":
+def make_tuner(
+    hypermodel: Any,
+    kind: str = "hyperband",
+    *,
+    project_dir: str | os.PathLike,
+    max_trials: int | None = None,
+    max_epochs: int = 6,
+    seed: int = 0,
+    distribution_strategy: tf.distribute.Strategy | None = None,
+    max_consecutive_failed_trials: int = 3,
+    overwrite: bool = False,
+    hyperband_factor: int = 3,
+) -> keras_tuner.Tuner:
     """A KerasTuner tuner maximising ``val_auc``, with per-trial timing and memory release.
 
     Parameters
@@ -983,16 +1106,22 @@ def make_tuner(hypermodel: Any, kind: str = "hyperband", *, project_dir: str | o
 
     key = _check_kind(kind)
     folder = Path(project_dir)
-    common = dict(hypermodel=hypermodel,
-                  objective=keras_tuner.Objective(OBJECTIVE, direction="max"),
-                  seed=int(seed), directory=str(folder.parent) or ".", project_name=folder.name,
-                  overwrite=bool(overwrite), distribution_strategy=distribution_strategy,
-                  max_consecutive_failed_trials=_positive_int("max_consecutive_failed_trials",
-                                                              max_consecutive_failed_trials))
+    common = dict(
+        hypermodel=hypermodel,
+        objective=keras_tuner.Objective(OBJECTIVE, direction="max"),
+        seed=int(seed),
+        directory=str(folder.parent) or ".",
+        project_name=folder.name,
+        overwrite=bool(overwrite),
+        distribution_strategy=distribution_strategy,
+        max_consecutive_failed_trials=_positive_int("max_consecutive_failed_trials", max_consecutive_failed_trials),
+    )
     if key == "hyperband":
-        tuner = _tuner_class(key)(max_epochs=_positive_int("max_epochs", max_epochs),
-                                  factor=_positive_int("hyperband_factor", hyperband_factor, 2),
-                                  **common)
+        tuner = _tuner_class(key)(
+            max_epochs=_positive_int("max_epochs", max_epochs),
+            factor=_positive_int("hyperband_factor", hyperband_factor, 2),
+            **common,
+        )
         if max_trials is not None:
             tuner.oracle.max_trials = _positive_int("max_trials", max_trials)
         return tuner
@@ -1000,12 +1129,11 @@ def make_tuner(hypermodel: Any, kind: str = "hyperband", *, project_dir: str | o
         raise ValueError(f"kind={key!r} needs max_trials")
     trials = _positive_int("max_trials", max_trials)
     if key == "bayesian":
-        return _tuner_class(key)(max_trials=trials, num_initial_points=max(2, trials // 3),
-                                 **common)
+        return _tuner_class(key)(max_trials=trials, num_initial_points=max(2, trials // 3), **common)
     return _tuner_class(key)(max_trials=trials, **common)
 
 
-def default_distribution_strategy() -> "tf.distribute.Strategy | None":
+def default_distribution_strategy() -> tf.distribute.Strategy | None:
     """``tf.distribute.MirroredStrategy()`` when TensorFlow sees more than one GPU, else None
     (one GPU or a CPU needs no strategy)."""
     import tensorflow as tf  # noqa: PLC0415
@@ -1084,22 +1212,23 @@ def _check_deletable(project: Path) -> None:
         raise ValueError(f"project_dir {project} exists and is not a folder")
     entries = list(project.iterdir())
     markers = {SETTINGS_FILE, RESULTS_FILE, "oracle.json"}
-    if entries and not any(e.name in markers or e.name.startswith(("trial_", "tuner"))
-                           for e in entries):
-        raise ValueError(f"refusing to delete {project}: it does not look like a tuner project "
-                         f"(no {SETTINGS_FILE}, oracle.json or trial_* folders); choose another "
-                         "project_dir")
+    if entries and not any(e.name in markers or e.name.startswith(("trial_", "tuner")) for e in entries):
+        raise ValueError(
+            f"refusing to delete {project}: it does not look like a tuner project "
+            f"(no {SETTINGS_FILE}, oracle.json or trial_* folders); choose another "
+            "project_dir"
+        )
 
 
 def _role() -> str:
-    """"chief", "worker" or "single", from KerasTuner's environment variables."""
+    """ "chief", "worker" or "single", from KerasTuner's environment variables."""
     if "KERASTUNER_ORACLE_IP" not in os.environ:
         return "single"
     return "chief" if "chief" in os.environ.get("KERASTUNER_TUNER_ID", "") else "worker"
 
 
 def run_search(
-    manifest: "pd.DataFrame",
+    manifest: pd.DataFrame,
     profile: str | config.Profile | None = None,
     *,
     project_dir: str | os.PathLike | None = None,
@@ -1119,7 +1248,7 @@ def run_search(
     hypermodel_options: dict | None = None,
     fault_hook: Callable[[dict], bool] | None = None,
     verbose: int | str = 0,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """Run (or resume, or join as a distributed worker) a hyperparameter search.
 
     Parameters
@@ -1185,33 +1314,33 @@ def run_search(
         raise ValueError(f"mode must be 'fresh' or 'resume', got {mode!r}")
     key = _check_kind(kind)
     prof = _profile(profile)
-    size = _positive_int("image_size", image_size if image_size is not None else prof.image_size,
-                         minimum=models.VGG16_MIN_SIZE)
-    trials = _positive_int("max_trials",
-                           max_trials if max_trials is not None else prof.tuner_trials)
+    size = _positive_int(
+        "image_size", image_size if image_size is not None else prof.image_size, minimum=models.VGG16_MIN_SIZE
+    )
+    trials = _positive_int("max_trials", max_trials if max_trials is not None else prof.tuner_trials)
     n_epochs = _positive_int("epochs", epochs if epochs is not None else prof.tuner_epochs)
     seed = _positive_int("seed", seed, minimum=0)
-    project = Path(project_dir) if project_dir is not None else \
-        config.artifacts_dir() / "tuner" / f"vgg16_{key}"
+    project = Path(project_dir) if project_dir is not None else config.artifacts_dir() / "tuner" / f"vgg16_{key}"
     if cache_dir is True:
         cache_dir = config.artifacts_dir() / "tuner" / "cache"
     role = _role()
 
     # Everything cheap first, so a mismatch is reported before anything is loaded or trained.
     data = TuningData.from_manifest(manifest, size, crop_roi=crop_roi)
-    cache = FeatureCache(size, weights, copies=copies, seed=seed,
-                         cache_dir=cache_dir or None)
+    cache = FeatureCache(size, weights, copies=copies, seed=seed, cache_dir=cache_dir or None)
     options = dict(hypermodel_options or {})
-    hypermodel = _vgg_hypermodel_class()(size, cache.weights_info, feature_cache=cache, seed=seed,
-                                         fault_hook=fault_hook, **options)
+    hypermodel = _vgg_hypermodel_class()(
+        size, cache.weights_info, feature_cache=cache, seed=seed, fault_hook=fault_hook, **options
+    )
     settings = search_settings(hypermodel, data, key, n_epochs)
     if role == "worker":
         if (project / SETTINGS_FILE).is_file():
             _check_settings(project, settings, what="join")
     elif mode == "resume":
         if not (project / SETTINGS_FILE).is_file():
-            raise FileNotFoundError(f"nothing to resume: no {SETTINGS_FILE} in {project}; "
-                                    "use mode='fresh' to start a search there")
+            raise FileNotFoundError(
+                f"nothing to resume: no {SETTINGS_FILE} in {project}; use mode='fresh' to start a search there"
+            )
         _check_settings(project, settings, what="resume")
     elif project.exists():
         _check_deletable(project)
@@ -1231,12 +1360,18 @@ def run_search(
     try:
         if mixed_precision and role != "chief":
             models.enable_mixed_precision()
-        strategy = (default_distribution_strategy() if distribution_strategy == "auto"
-                    else distribution_strategy)
+        strategy = default_distribution_strategy() if distribution_strategy == "auto" else distribution_strategy
         hypermodel.distribution_strategy = strategy
-        tuner = make_tuner(hypermodel, key, project_dir=project, max_trials=trials,
-                           max_epochs=n_epochs, seed=seed, distribution_strategy=strategy,
-                           max_consecutive_failed_trials=max_consecutive_failed_trials)
+        tuner = make_tuner(
+            hypermodel,
+            key,
+            project_dir=project,
+            max_trials=trials,
+            max_epochs=n_epochs,
+            seed=seed,
+            distribution_strategy=strategy,
+            max_consecutive_failed_trials=max_consecutive_failed_trials,
+        )
         tuner.search(data, epochs=n_epochs, verbose=verbose)
     finally:
         keras.mixed_precision.set_global_policy(policy)  # leave Keras as we found it
@@ -1265,7 +1400,7 @@ def _read_trials(project: Path) -> list[dict]:
     return trials
 
 
-def results_table(project_dir: str | os.PathLike) -> "pd.DataFrame":
+def results_table(project_dir: str | os.PathLike) -> pd.DataFrame:
     """One row per trial of a project, read from its files (works for any process).
 
     Returns
@@ -1296,23 +1431,31 @@ def results_table(project_dir: str | os.PathLike) -> "pd.DataFrame":
                 run = json.loads(run_path.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 run = {}
-        values = {k: float(f"{v:.12g}") if isinstance(v, float) else v  # 0.30000000000000004 -> 0.3
-                  for k, v in ((trial.get("hyperparameters") or {}).get("values") or {}).items()}
+        values = {
+            k: float(f"{v:.12g}") if isinstance(v, float) else v  # 0.30000000000000004 -> 0.3
+            for k, v in ((trial.get("hyperparameters") or {}).get("values") or {}).items()
+        }
         for name in values:
             if name not in hp_names:
                 hp_names.append(name)
         message = (trial.get("message") or "").strip().splitlines()
         score = trial.get("score")
-        rows.append({
-            "trial_id": tid, "status": trial.get("status"),
-            "score": float(score) if score is not None else float("nan"),
-            "seconds": float(run["seconds"]) if "seconds" in run else float("nan"),
-            "tuner_id": run.get("tuner_id"), **values,
-            "error": message[-1] if message else None,
-        })
-    hp_names = [n for n in HYPERPARAMETERS if n in hp_names] + \
-               [n for n in hp_names if n not in HYPERPARAMETERS and not n.startswith("tuner/")] + \
-               [n for n in hp_names if n.startswith("tuner/")]
+        rows.append(
+            {
+                "trial_id": tid,
+                "status": trial.get("status"),
+                "score": float(score) if score is not None else float("nan"),
+                "seconds": float(run["seconds"]) if "seconds" in run else float("nan"),
+                "tuner_id": run.get("tuner_id"),
+                **values,
+                "error": message[-1] if message else None,
+            }
+        )
+    hp_names = (
+        [n for n in HYPERPARAMETERS if n in hp_names]
+        + [n for n in hp_names if n not in HYPERPARAMETERS and not n.startswith("tuner/")]
+        + [n for n in hp_names if n.startswith("tuner/")]
+    )
     columns = ["trial_id", "status", "score", "seconds", "tuner_id", *hp_names, "error"]
     table = pd.DataFrame(rows, columns=columns)
     order = sorted(range(len(table)), key=lambda i: _trial_order(table["trial_id"].iloc[i]))
@@ -1346,14 +1489,15 @@ def best_hyperparameters(project_dir: str | os.PathLike) -> tuple[dict, dict]:
     if not settings_path.is_file():
         raise FileNotFoundError(f"no {SETTINGS_FILE} in {project}: not a project of run_search")
     settings = json.loads(settings_path.read_text(encoding="utf-8"))
-    completed = [t for t in _read_trials(project)
-                 if t.get("status") == "COMPLETED" and t.get("score") is not None
-                 and np.isfinite(t["score"])]
+    completed = [
+        t
+        for t in _read_trials(project)
+        if t.get("status") == "COMPLETED" and t.get("score") is not None and np.isfinite(t["score"])
+    ]
     if not completed:
         raise ValueError(f"no completed trial in {project}; run (or resume) the search first")
     best = sorted(completed, key=lambda t: (-float(t["score"]), str(t["trial_id"])))[0]
-    values = {k: v for k, v in best["hyperparameters"]["values"].items()
-              if not k.startswith("tuner/")}
+    values = {k: v for k, v in best["hyperparameters"]["values"].items() if not k.startswith("tuner/")}
     values.setdefault("lr_finetune", None)
     values["trial_id"] = best["trial_id"]
     values["score"] = float(best["score"])
@@ -1362,7 +1506,7 @@ def best_hyperparameters(project_dir: str | os.PathLike) -> tuple[dict, dict]:
 
 def best_model(
     tuner_or_project: Any,
-    manifest: "pd.DataFrame",
+    manifest: pd.DataFrame,
     profile: str | config.Profile | None = None,
     *,
     epochs_head: int | None = None,
@@ -1374,7 +1518,7 @@ def best_model(
     unfreeze_blocks: int | None = None,
     lr_finetune: float | None = None,
     optimizer: str | None = None,
-) -> tuple["keras.Model", dict, dict]:
+) -> tuple[keras.Model, dict, dict]:
     """Retrain the best trial's hyperparameters as a full VGG16 classifier on full images.
 
     With ``head_from_search=True`` phase 1 is not repeated: the best trial's head (trained on
@@ -1419,15 +1563,16 @@ def best_model(
     train, val = _train_val(manifest)
     size = int(settings["image_size"])
     info = models.WeightsInfo(**settings["weights"])
-    model = _build_classifier(size, info, int(settings.get("seed", 0)),
-                              head_units=int(values["head_units"]),
-                              dropout=float(values["dropout"]))
+    model = _build_classifier(
+        size, info, int(settings.get("seed", 0)), head_units=int(values["head_units"]), dropout=float(values["dropout"])
+    )
     batch = int(values["batch_size"])
     strength = float(values["augment_strength"])
     crop = bool(settings.get("crop_roi", False))
     seed = int(settings.get("seed", 0))
-    train_ds = pipeline.make_dataset(train, size, batch, training=True, augment_strength=strength,
-                                     crop_roi=crop, seed=seed)
+    train_ds = pipeline.make_dataset(
+        train, size, batch, training=True, augment_strength=strength, crop_roi=crop, seed=seed
+    )
     val_ds = pipeline.make_dataset(val, size, batch, training=False, crop_roi=crop)
     unfreeze = int(values["unfreeze_blocks"] if unfreeze_blocks is None else unfreeze_blocks)
     values = {**values, "unfreeze_blocks": unfreeze}
@@ -1455,11 +1600,19 @@ def best_model(
         labels = pipeline.label_to_int(train["label"].tolist())
         class_weight = models.class_weights_from_labels(labels)
     history = models.train_two_phase(
-        model, train_ds, val_ds, epochs_head=n_head, epochs_finetune=n_tune,
+        model,
+        train_ds,
+        val_ds,
+        epochs_head=n_head,
+        epochs_finetune=n_tune,
         lr_head=float(values["lr_head"]),
-        lr_finetune=_finetune_rate(values), unfreeze_blocks=max(unfreeze, 1),
-        optimizer=str(values["optimizer"]), class_weight=class_weight, out_dir=out_dir,
-        patience=patience, verbose=verbose,
+        lr_finetune=_finetune_rate(values),
+        unfreeze_blocks=max(unfreeze, 1),
+        optimizer=str(values["optimizer"]),
+        class_weight=class_weight,
+        out_dir=out_dir,
+        patience=patience,
+        verbose=verbose,
     )
     return model, values, history
 
@@ -1486,7 +1639,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m cspine_utils.tuning",
         description="Hyperparameter search for the VGG16 classifier (single process, or the "
-                    "chief/a worker of a distributed KerasTuner search).")
+        "chief/a worker of a distributed KerasTuner search).",
+    )
     ap.add_argument("--data", type=Path, required=True, help="dataset folder (data.discover)")
     ap.add_argument("--profile", default=None, help="smoke, cpu or gpu (default CSPINE_PROFILE)")
     ap.add_argument("--project-dir", type=Path, default=None)
@@ -1495,12 +1649,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-trials", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--weights", type=_weights_arg, default="auto",
-                    help="auto, imagenet, hed-bsds500, none, or a .h5 file")
+    ap.add_argument(
+        "--weights", type=_weights_arg, default="auto", help="auto, imagenet, hed-bsds500, none, or a .h5 file"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split-policy", default="auto", help="data.choose_split policy")
-    ap.add_argument("--cache-dir", type=Path, default=None,
-                    help="feature cache folder (default <artifacts>/tuner/cache)")
+    ap.add_argument(
+        "--cache-dir", type=Path, default=None, help="feature cache folder (default <artifacts>/tuner/cache)"
+    )
     ap.add_argument("--role", choices=("single", "chief", "worker"), default="single")
     ap.add_argument("--tuner-id", default=None, help="worker id: tuner0, tuner1, ...")
     ap.add_argument("--oracle-ip", default="127.0.0.1")
@@ -1528,10 +1684,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[{role}] {message}", flush=True)
     print(f"[{role}] {models.describe_device()}", flush=True)
     table = run_search(
-        manifest, args.profile, project_dir=args.project_dir, mode=args.mode, kind=args.kind,
-        max_trials=args.max_trials, epochs=args.epochs, image_size=args.image_size,
-        seed=args.seed, weights=args.weights,
-        cache_dir=args.cache_dir if args.cache_dir is not None else True, verbose=args.verbose,
+        manifest,
+        args.profile,
+        project_dir=args.project_dir,
+        mode=args.mode,
+        kind=args.kind,
+        max_trials=args.max_trials,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        seed=args.seed,
+        weights=args.weights,
+        cache_dir=args.cache_dir if args.cache_dir is not None else True,
+        verbose=args.verbose,
     )
     done = table[table["status"] == "COMPLETED"]
     if args.role == "worker":

@@ -26,16 +26,14 @@ def kaggle_variants(base: Image.Image) -> dict[str, Image.Image]:
         "": base,
         "-sharpened": sharp,
         "-rotated3": base.rotate(3, resample=Image.Resampling.BILINEAR).convert("RGB").resize((224, 224)),
-        "-sharpened-rotated3": (sharp.rotate(3, resample=Image.Resampling.BILINEAR)
-                                .convert("RGB").resize((224, 224))),
+        "-sharpened-rotated3": (sharp.rotate(3, resample=Image.Resampling.BILINEAR).convert("RGB").resize((224, 224))),
     }
 
 
 # Sources per class. Those in LEAKY also have one variant in val (as the real Kaggle set does);
 # those in VAL_ONLY are in val only.
 KAGGLE_SOURCES = {
-    "fracture": ["CSFDV1B10 (18)", "CSFDV1B10 (19)", "CSFDV1B2 (3)", "CSFDV1B7 (1)", "CSFDV1B7 (2)",
-                 "CSFDV1B8 (11)"],
+    "fracture": ["CSFDV1B10 (18)", "CSFDV1B10 (19)", "CSFDV1B2 (3)", "CSFDV1B7 (1)", "CSFDV1B7 (2)", "CSFDV1B8 (11)"],
     "normal": ["NCSV1B1 (4)", "NCSV1B1 (5)", "NCSV1B3 (20)", "NCSV1B4 (7)", "NCSV1B9 (2)", "NCSV1B9 (3)"],
 }
 KAGGLE_LEAKY = {"CSFDV1B10 (18)", "NCSV1B1 (4)"}

@@ -49,8 +49,9 @@ def build_kaggle_fixture(parent: Path) -> dict:
         for k in range(N_SOURCES_PER_CLASS):
             subject = dataclasses.replace(phantom.sample_subject(rng, f"{prefix}{k}"), matrix=512)
             ftype = phantom.FRACTURE_TYPES[k % 3] if label == "fracture" else "none"
-            spec = phantom.SliceSpec(subject=subject, level=levels[k % 2], fracture_type=ftype,
-                                     difficulty=0.3, seed=100 + k)
+            spec = phantom.SliceSpec(
+                subject=subject, level=levels[k % 2], fracture_type=ftype, difficulty=0.3, seed=100 + k
+            )
             image = Image.fromarray(phantom.render_slice(spec).image, mode="L")
             stem = f"{prefix}{10 + k} ({18 + 3 * k})"
             leaks = k % LEAKING_EVERY == 0
@@ -178,8 +179,8 @@ def test_thumbnail_features_shape_and_values():
     img = np.zeros((100, 60), dtype=np.float32)
     img[:, 30:] = 1.0
     f = audit.thumbnail_features(img, mode="RGB")
-    assert f.shape == (audit.THUMBNAIL_SIZE ** 2 + len(audit.STAT_FEATURES),)
-    stats = dict(zip(audit.STAT_FEATURES, f[-len(audit.STAT_FEATURES):]))
+    assert f.shape == (audit.THUMBNAIL_SIZE**2 + len(audit.STAT_FEATURES),)
+    stats = dict(zip(audit.STAT_FEATURES, f[-len(audit.STAT_FEATURES) :]))
     assert stats["mean"] == pytest.approx(0.5, abs=0.01)
     assert stats["width"] == 60 and stats["height"] == 100 and stats["colour_mode"] == 1
     with pytest.raises(ValueError):
@@ -201,8 +202,18 @@ def test_bad_arguments(tmp_path):
 def test_cli_json_round_trip(kaggle, capsys):
     assert cli.main(["audit", str(kaggle["root"]), "--json", "--seed", "0"]) == 0
     report = json.loads(capsys.readouterr().out)
-    for key in ("n_files", "n_rejected", "n_groups", "leaking_groups", "shortcut_auc", "warnings",
-                "counts", "sizes", "duplicates", "rejected"):
+    for key in (
+        "n_files",
+        "n_rejected",
+        "n_groups",
+        "leaking_groups",
+        "shortcut_auc",
+        "warnings",
+        "counts",
+        "sizes",
+        "duplicates",
+        "rejected",
+    ):
         assert key in report, key
     assert report == json.loads(json.dumps(kaggle["report"].to_dict()))
     assert isinstance(report["leaking_groups"], list) and report["shortcut_auc"] >= 0.9

@@ -50,8 +50,12 @@ def png_chunk(kind: bytes, payload: bytes) -> bytes:
 def write_bomb_png(path: Path, width: int, height: int) -> Path:
     """A valid-looking 1-bit PNG header announcing width x height pixels, with almost no data."""
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
-                     + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + png_chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -214,8 +218,7 @@ def test_path_with_spaces_and_parentheses(tmp_path):
     assert disc.layout == "kaggle"
     groups = set(disc.manifest["group"])
     assert {"CSFDV1B10 (18)", "CSFDV1B10 (19)"} <= groups
-    assert any("my data (copy)/cervical fracture/train/fracture/CSFDV1B10 (18)" in p
-               for p in disc.manifest["path"])
+    assert any("my data (copy)/cervical fracture/train/fracture/CSFDV1B10 (18)" in p for p in disc.manifest["path"])
 
 
 def test_hidden_files_are_skipped_silently(tmp_path):

@@ -64,18 +64,19 @@ def test_set_seed_makes_python_numpy_and_keras_repeatable():
 def _run_python(code: str, **env_extra) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_quiet_tensorflow_start_with_real_tensorflow():
-    code = ("import os, sys\n"
-            "from cspine_utils import config\n"
-            "held = config.quiet_tensorflow_start()\n"
-            "assert 'tensorflow' in sys.modules and os.environ['TF_CPP_MIN_LOG_LEVEL'] == '2'\n"
-            "print('held', len(held))\n"
-            "assert config.quiet_tensorflow_start() == []\n"
-            "os.write(2, b'stderr works again\\n')\n")
+    code = (
+        "import os, sys\n"
+        "from cspine_utils import config\n"
+        "held = config.quiet_tensorflow_start()\n"
+        "assert 'tensorflow' in sys.modules and os.environ['TF_CPP_MIN_LOG_LEVEL'] == '2'\n"
+        "print('held', len(held))\n"
+        "assert config.quiet_tensorflow_start() == []\n"
+        "os.write(2, b'stderr works again\\n')\n"
+    )
     out = _run_python(code)
     assert out.returncode == 0, out.stderr
     assert "stderr works again" in out.stderr
@@ -91,10 +92,13 @@ def test_quiet_tensorflow_start_passes_other_native_lines_through(tmp_path):
         "import os, types\n"
         "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on. You may see ...\\n')\n"
         "os.write(2, b'W0000 dso_loader.cc] Could not load dynamic library libcudnn.so.9\\n')\n"
-        "config = types.SimpleNamespace(list_physical_devices=lambda kind: [])\n")
-    code = ("from cspine_utils import config\n"
-            "held = config.quiet_tensorflow_start()\n"
-            "assert len(held) == 1 and 'oneDNN' in held[0], held\n")
+        "config = types.SimpleNamespace(list_physical_devices=lambda kind: [])\n"
+    )
+    code = (
+        "from cspine_utils import config\n"
+        "held = config.quiet_tensorflow_start()\n"
+        "assert len(held) == 1 and 'oneDNN' in held[0], held\n"
+    )
     out = _run_python(code, PYTHONPATH=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "Could not load dynamic library libcudnn.so.9" in out.stderr

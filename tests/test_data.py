@@ -15,8 +15,7 @@ from PIL import Image
 from cspine_utils import data
 
 
-def write_images(folder: Path, n: int, seed: int, size: int = 64, mode: str = "L",
-                 ext: str = ".png") -> list[Path]:
+def write_images(folder: Path, n: int, seed: int, size: int = 64, mode: str = "L", ext: str = ".png") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
@@ -32,8 +31,9 @@ def synthetic_split_frame(n_groups: int = 300, seed: int = 0) -> pd.DataFrame:
     rows = []
     for g in range(n_groups):
         label = "fracture" if rng.random() < 0.3 else "normal"
-        rows += [{"path": f"/d/{g}_{i}.png", "label": label, "group": f"G{g:03d}"}
-                 for i in range(int(rng.integers(1, 6)))]
+        rows += [
+            {"path": f"/d/{g}_{i}.png", "label": label, "group": f"G{g:03d}"} for i in range(int(rng.integers(1, 6)))
+        ]
     return pd.DataFrame(rows)
 
 
@@ -179,8 +179,9 @@ def test_wrapper_folder_is_entered(tmp_path):
 def test_csv_layout_relative_and_absolute_paths(tmp_path):
     frac = write_images(tmp_path / "img" / "a", 3, seed=1)
     norm = write_images(tmp_path / "img" / "b", 3, seed=2, ext=".tif")
-    rows = [{"path": p.relative_to(tmp_path).as_posix(), "label": "1", "group": f"P{i // 2}"}
-            for i, p in enumerate(frac)]
+    rows = [
+        {"path": p.relative_to(tmp_path).as_posix(), "label": "1", "group": f"P{i // 2}"} for i, p in enumerate(frac)
+    ]
     rows += [{"path": str(p), "label": "Negative", "group": f"Q{i}"} for i, p in enumerate(norm)]
     csv = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
@@ -218,16 +219,19 @@ def test_saved_manifest_round_trips_and_can_be_rediscovered(kaggle_dataset, tmp_
 
 
 # ------------------------------------------------------------------------ groups and splits
-@pytest.mark.parametrize("name, stem", [
-    ("CSFDV1B10 (18)-sharpened-rotated3.png", "CSFDV1B10 (18)"),
-    ("CSFDV1B10 (18)-rotated1.png", "CSFDV1B10 (18)"),
-    ("CSFDV1B10 (18).png", "CSFDV1B10 (18)"),
-    ("/some dir/NCSV1B1 (4)-sharpened.PNG", "NCSV1B1 (4)"),
-    ("S00001_C4.png", "S00001_C4"),
-    ("IM-0001-0023.dcm", "IM-0001-0023"),
-    ("scan_012_aug3.jpg", "scan_012"),
-    ("scan 5 - Copy.png", "scan 5"),
-])
+@pytest.mark.parametrize(
+    "name, stem",
+    [
+        ("CSFDV1B10 (18)-sharpened-rotated3.png", "CSFDV1B10 (18)"),
+        ("CSFDV1B10 (18)-rotated1.png", "CSFDV1B10 (18)"),
+        ("CSFDV1B10 (18).png", "CSFDV1B10 (18)"),
+        ("/some dir/NCSV1B1 (4)-sharpened.PNG", "NCSV1B1 (4)"),
+        ("S00001_C4.png", "S00001_C4"),
+        ("IM-0001-0023.dcm", "IM-0001-0023"),
+        ("scan_012_aug3.jpg", "scan_012"),
+        ("scan 5 - Copy.png", "scan 5"),
+    ],
+)
 def test_source_group_from_name(name, stem):
     assert data.source_group_from_name(name) == stem
 
@@ -241,7 +245,7 @@ def test_perceptual_hash_is_stable_across_formats_and_separates_images():
     jpeg = data._pil_to_unit(Image.open(buf))
     other = data._pil_to_unit(smooth_random_image(2))
     h = data.perceptual_hash(grey)
-    assert 0 <= h < 2 ** (data.DEFAULT_HASH_SIZE ** 2)
+    assert 0 <= h < 2 ** (data.DEFAULT_HASH_SIZE**2)
 
     def dist(a, b):
         return bin(data.perceptual_hash(a) ^ data.perceptual_hash(b)).count("1")
@@ -250,7 +254,7 @@ def test_perceptual_hash_is_stable_across_formats_and_separates_images():
     assert dist(grey, rgb_small) <= data.DEFAULT_HASH_DISTANCE
     assert dist(grey, jpeg) <= data.DEFAULT_HASH_DISTANCE
     assert dist(grey, other) > 4 * data.DEFAULT_HASH_DISTANCE
-    assert data.perceptual_hash(grey, hash_size=8) < 2 ** 64
+    assert data.perceptual_hash(grey, hash_size=8) < 2**64
 
 
 def test_grouped_split_no_group_in_two_splits_roughly_80_10_10():
@@ -278,8 +282,13 @@ def test_grouped_split_is_deterministic_for_a_seed():
 
 
 def test_grouped_split_small_dataset_fills_every_split():
-    df = pd.DataFrame({"path": [f"/{i}" for i in range(24)], "label": ["fracture", "normal"] * 12,
-                       "group": [f"g{i // 2}" for i in range(24)]})
+    df = pd.DataFrame(
+        {
+            "path": [f"/{i}" for i in range(24)],
+            "label": ["fracture", "normal"] * 12,
+            "group": [f"g{i // 2}" for i in range(24)],
+        }
+    )
     df["label"] = np.where(df["group"].str[1:].astype(int) < 6, "fracture", "normal")
     out = data.grouped_stratified_split(df, seed=0)
     assert set(out["split"]) == {"train", "val", "test"}

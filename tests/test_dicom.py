@@ -23,9 +23,17 @@ def ct_small() -> Path:
     return Path(path)
 
 
-def write_ct(path: Path, stored: np.ndarray | None, *, slope: float = 1.0, intercept: float = -1024.0,
-             padding: int | None = None, syntax=ExplicitVRLittleEndian, pixel_bytes: bytes | None = None,
-             preamble: bool = True) -> Path:
+def write_ct(
+    path: Path,
+    stored: np.ndarray | None,
+    *,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    padding: int | None = None,
+    syntax=ExplicitVRLittleEndian,
+    pixel_bytes: bytes | None = None,
+    preamble: bool = True,
+) -> Path:
     """Write a minimal CT slice with pydicom (signed 16-bit); ``stored=None`` leaves out PixelData."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -74,12 +82,12 @@ def test_ct_small_hu_is_stored_times_slope_plus_intercept():
 
 
 def test_synthetic_ct_rescale_and_padding(tmp_path):
-    stored = np.array([[-2000, 0, 500, 1000],
-                       [-600, 12, 3000, -2000]], dtype=np.int16)
+    stored = np.array([[-2000, 0, 500, 1000], [-600, 12, 3000, -2000]], dtype=np.int16)
     path = write_ct(tmp_path / "slice.dcm", stored, slope=2.0, intercept=-1000.0, padding=-2000)
     hu, info = dicom.read_dicom_hu(path)
-    expected = np.array([[-1024, -1000, 0, 1000],
-                         [-1024, -976, 5000, -1024]], dtype=np.float32)  # -600*2-1000 = -2200 < -2000 → air
+    expected = np.array(
+        [[-1024, -1000, 0, 1000], [-1024, -976, 5000, -1024]], dtype=np.float32
+    )  # -600*2-1000 = -2200 < -2000 → air
     np.testing.assert_array_equal(hu, expected)
     assert info["n_padding_pixels"] == 3
     assert info["pixel_spacing_mm"] == (0.5, 0.25)
@@ -127,8 +135,7 @@ def test_no_pixel_data_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("syntax, name", [(JPEG2000Lossless, "JPEG 2000"), (JPEGLSLossless, "JPEG-LS")])
 def test_undecodable_transfer_syntax_is_named(tmp_path, syntax, name):
     garbage = encapsulate([b"\x00\x01\x02\x03 definitely not a codestream " * 4])
-    path = write_ct(tmp_path / "compressed.dcm", np.zeros((8, 8), np.int16), syntax=syntax,
-                    pixel_bytes=garbage)
+    path = write_ct(tmp_path / "compressed.dcm", np.zeros((8, 8), np.int16), syntax=syntax, pixel_bytes=garbage)
     with pytest.raises(dicom.DicomError) as err:
         dicom.read_dicom_hu(path)
     message = str(err.value)

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cspine_utils import config
 from test_gui import slice_png
 from test_predict import make_tiny_bundle
+
+from cspine_utils import config
 
 pytestmark = pytest.mark.e2e
 
@@ -40,13 +40,17 @@ def free_port() -> int:
 def require_chromium(path: Path = CHROMIUM) -> str:
     """The Chromium executable, or a test failure (never a skip) that says to run `make browser`."""
     if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"Chromium not found at {path}: run `make browser` (installs chromium and "
-                    "chromium-driver with apt-get), then run the tests again", pytrace=False)
+        pytest.fail(
+            f"Chromium not found at {path}: run `make browser` (installs chromium and "
+            "chromium-driver with apt-get), then run the tests again",
+            pytrace=False,
+        )
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        pytest.fail("the Python package playwright is missing: run `make install` (pip install -e '.[dev]')",
-                    pytrace=False)
+        pytest.fail(
+            "the Python package playwright is missing: run `make install` (pip install -e '.[dev]')", pytrace=False
+        )
     return str(path)
 
 
@@ -61,13 +65,31 @@ def voila_url(tmp_path_factory, chromium):
     root = tmp_path_factory.mktemp("e2e")
     make_tiny_bundle(root / "artifacts" / "models", "cnn")
     port = free_port()
-    env = dict(os.environ, CSPINE_ARTIFACTS=str(root / "artifacts"), CSPINE_PROFILE="smoke",
-               CSPINE_REPORT_DIR=str(root / "report"), TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(
+        os.environ,
+        CSPINE_ARTIFACTS=str(root / "artifacts"),
+        CSPINE_PROFILE="smoke",
+        CSPINE_REPORT_DIR=str(root / "report"),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
     log = open(root / "voila.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", "--Voila.ip=127.0.0.1",
-         f"--port={port}", "--Voila.show_tracebacks=False"],
-        cwd=NOTEBOOK.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "voila",
+            str(NOTEBOOK),
+            "--no-browser",
+            "--Voila.ip=127.0.0.1",
+            f"--port={port}",
+            "--Voila.show_tracebacks=False",
+        ],
+        cwd=NOTEBOOK.parent,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + SERVER_START_S
         while True:
@@ -112,8 +134,9 @@ def test_upload_a_slice_and_a_text_file_in_the_browser(voila_url, chromium, tmp_
     text_path.write_text("these are notes, not a CT slice")
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
+        browser = pw.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.set_default_timeout(PREDICTION_MS)

@@ -197,8 +197,9 @@ def test_single_class_resamples_are_skipped_and_counted():
 
     strict = evaluate.bootstrap_ci(strict_auc, y, p, groups, n_resamples=200, seed=0)
     assert strict.n_skipped == ours.n_skipped and tuple(strict) == pytest.approx(tuple(ours))
-    acc = evaluate.bootstrap_ci(lambda a, b: evaluate.threshold_metrics(a, b, 0.5)["accuracy"],
-                                y, p, groups, n_resamples=200, seed=0)
+    acc = evaluate.bootstrap_ci(
+        lambda a, b: evaluate.threshold_metrics(a, b, 0.5)["accuracy"], y, p, groups, n_resamples=200, seed=0
+    )
     assert acc.n_skipped == 0
 
 
@@ -243,8 +244,13 @@ def test_evaluate_model_and_save(tmp_path):
     groups = np.arange(120) // 3
     thresholds = {"youden": 0.45, "sens95": 0.2}
     m = evaluate.evaluate_model(y, p, groups, thresholds, n_resamples=100, seed=0)
-    assert m["counts"] == {"n": 120, "n_positive": int(y.sum()), "n_negative": int(120 - y.sum()),
-                           "n_groups": 40, "prevalence": pytest.approx(y.mean())}
+    assert m["counts"] == {
+        "n": 120,
+        "n_positive": int(y.sum()),
+        "n_negative": int(120 - y.sum()),
+        "n_groups": 40,
+        "prevalence": pytest.approx(y.mean()),
+    }
     assert m["threshold_free"]["roc_auc"]["value"] == pytest.approx(skm.roc_auc_score(y, p))
     auc = m["threshold_free"]["roc_auc"]
     assert auc["ci_low"] <= auc["value"] <= auc["ci_high"]
@@ -264,20 +270,29 @@ def test_evaluate_model_and_save(tmp_path):
 
     table = evaluate.combined_table({"cnn": m, "vgg": loaded}, weights={"cnn": "none (scratch)"})
     assert list(table["model"]) == ["cnn", "vgg"]
-    assert {"ROC AUC [95% CI]", "PR AUC [95% CI]", "Brier", "ECE", "sensitivity (youden)",
-            "specificity (sens95)", "weights"} <= set(table.columns)
+    assert {
+        "ROC AUC [95% CI]",
+        "PR AUC [95% CI]",
+        "Brier",
+        "ECE",
+        "sensitivity (youden)",
+        "specificity (sens95)",
+        "weights",
+    } <= set(table.columns)
     assert table.loc[1, "weights"] == "random"
     assert table.loc[0, "ROC AUC [95% CI]"].startswith(f"{auc['value']:.3f} [")
 
 
 def test_subgroup_table():
-    df = pd.DataFrame({
-        "y": [1, 1, 1, 0, 0, 0, 1, 0],
-        "p": [0.9, 0.2, 0.8, 0.1, 0.7, 0.3, 0.6, 0.4],
-        "fracture_type": ["linear", "linear", "burst", "none", "none", "none", "burst", "none"],
-        "difficulty": ["0.5", "0.5", "0.5", "", "", "", "1", ""],
-        "level": ["C2", "C2", "C10", "C2", "C10", "C3", "C3", "C3"],
-    })
+    df = pd.DataFrame(
+        {
+            "y": [1, 1, 1, 0, 0, 0, 1, 0],
+            "p": [0.9, 0.2, 0.8, 0.1, 0.7, 0.3, 0.6, 0.4],
+            "fracture_type": ["linear", "linear", "burst", "none", "none", "none", "burst", "none"],
+            "difficulty": ["0.5", "0.5", "0.5", "", "", "", "1", ""],
+            "level": ["C2", "C2", "C10", "C2", "C10", "C3", "C3", "C3"],
+        }
+    )
     t = evaluate.subgroup_table(df, 0.5)
     assert list(dict.fromkeys(t["variable"])) == ["fracture_type", "difficulty", "level"]
     cell = t[(t.variable == "fracture_type") & (t.value == "linear")].iloc[0]
@@ -298,12 +313,15 @@ def test_subgroup_table():
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("y, p, match", [
-    ([0, 2], [0.1, 0.2], "0/1"),
-    ([0, 1], [0.1, 1.2], "1.2"),
-    ([0, 1], [0.1, float("nan")], "probabilities"),
-    ([0, 1, 1], [0.1, 0.2], "3 values"),
-])
+@pytest.mark.parametrize(
+    "y, p, match",
+    [
+        ([0, 2], [0.1, 0.2], "0/1"),
+        ([0, 1], [0.1, 1.2], "1.2"),
+        ([0, 1], [0.1, float("nan")], "probabilities"),
+        ([0, 1, 1], [0.1, 0.2], "3 values"),
+    ],
+)
 def test_bad_labels_or_probabilities(y, p, match):
     with pytest.raises(ValueError, match=match):
         evaluate.threshold_metrics(y, p, 0.5)

@@ -51,10 +51,12 @@ def test_gradcam_of_the_course_vgg_uses_block4_conv3():
     assert explain.gradcam(model, _images(2), layer_name="block5_conv3").shape == (2, SIZE, SIZE)
 
 
-def _vgg_like(nested: bool) -> "keras.Model":
-    layers = [keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="block5_conv1"),
-              keras.layers.MaxPooling2D(2, name="block5_pool"),
-              keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="block5_conv3")]
+def _vgg_like(nested: bool) -> keras.Model:
+    layers = [
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="block5_conv1"),
+        keras.layers.MaxPooling2D(2, name="block5_pool"),
+        keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="block5_conv3"),
+    ]
     inputs = keras.Input((SIZE, SIZE, 1))
     if nested:
         x = keras.Sequential([keras.Input((SIZE, SIZE, 1)), *layers], name="vgg16")(inputs)
@@ -100,18 +102,18 @@ def planted_dataset(n: int, seed: int):
     for i in range(n):
         if rng.random() < 0.5:
             r, c = rng.integers(0, SIZE - 1), rng.integers(0, SIZE - 11)
-            x[i, r:r + 2, c:c + 12, 0] = 1.0
+            x[i, r : r + 2, c : c + 12, 0] = 1.0
         else:
             r, c = rng.integers(0, SIZE - 11), rng.integers(0, SIZE - 1)
-            x[i, r:r + 12, c:c + 2, 0] = 1.0
+            x[i, r : r + 12, c : c + 2, 0] = 1.0
         if y[i] == 1:
             r, c = rng.integers(0, SIZE - SQUARE + 1, 2)
-            x[i, r:r + SQUARE, c:c + SQUARE, 0] = 1.0
-            masks[i, r:r + SQUARE, c:c + SQUARE] = True
+            x[i, r : r + SQUARE, c : c + SQUARE, 0] = 1.0
+            masks[i, r : r + SQUARE, c : c + SQUARE] = True
     return x, y, masks
 
 
-def tiny_cnn() -> "keras.Model":
+def tiny_cnn() -> keras.Model:
     inputs = keras.Input((SIZE, SIZE, 1))
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
     x = keras.layers.MaxPooling2D(2)(x)
@@ -150,8 +152,9 @@ def test_gradcam_points_at_planted_square(planted):
     assert _hit_rate(untrained, x, y, masks) < 0.6
 
     pos = np.flatnonzero(y == 1)
-    scores = explain.localisation_scores(explain.gradcam(model, x[pos]), masks[pos],
-                                         groups=np.arange(pos.size) // 2, n_resamples=100, seed=0)
+    scores = explain.localisation_scores(
+        explain.gradcam(model, x[pos]), masks[pos], groups=np.arange(pos.size) // 2, n_resamples=100, seed=0
+    )
     assert scores["n"] == pos.size
     assert scores["pointing_game"]["value"] >= 0.8
     assert scores["pointing_game"]["value"] > scores["chance"]["pointing_game"]
@@ -206,8 +209,7 @@ def test_localisation_bad_input():
 def test_localisation_scores_hand_case():
     masks = [np.pad(np.ones((2, 2), bool), 4) for _ in range(4)]  # 10x10, mask at rows/cols 4-5
     heats = [_peak(4, 4, 10), _peak(5, 5, 10), _peak(0, 0, 10), np.zeros((10, 10))]
-    s = explain.localisation_scores(heats, masks, groups=["a", "a", "b", "c"], n_resamples=50,
-                                    seed=0, dilate_px=0)
+    s = explain.localisation_scores(heats, masks, groups=["a", "a", "b", "c"], n_resamples=50, seed=0, dilate_px=0)
     assert s["per_image"]["pointing_game"] == [True, True, False, False]
     assert s["pointing_game"]["value"] == pytest.approx(0.5)
     assert s["n_no_heat"] == 1 and s["per_image"]["heat_in_mask"][3] is None
@@ -233,8 +235,9 @@ def test_overlay_and_gallery():
     with pytest.raises(ValueError, match="same shape"):
         explain.overlay(image, np.zeros((4, 4)))
     masks = [np.pad(np.ones((2, 2), bool), 3), None, np.zeros((8, 8), bool)]
-    fig = explain.plot_gradcam_gallery(np.stack([image] * 3), np.stack([_peak(3, 3, 8)] * 3), masks=masks,
-                                       titles=["a", "b", "c"], ncols=2)
+    fig = explain.plot_gradcam_gallery(
+        np.stack([image] * 3), np.stack([_peak(3, 3, 8)] * 3), masks=masks, titles=["a", "b", "c"], ncols=2
+    )
     assert len(fig.axes) == 4
     plt.close(fig)
 
@@ -246,9 +249,12 @@ def test_overlay_and_gallery():
 def obvious_fractures(tmp_path_factory):
     """Fracture rows (with masks) of a small phantom dataset at difficulty 0."""
     out = tmp_path_factory.mktemp("phantom") / "d0"
-    phantom.generate_dataset(out, phantom.SynthConfig(n=6, seed=3, difficulty=0.0, fracture_fraction=0.5,
-                                                      slices_per_subject=2, val_fraction=0.0),
-                             workers=1, progress=False)
+    phantom.generate_dataset(
+        out,
+        phantom.SynthConfig(n=6, seed=3, difficulty=0.0, fracture_fraction=0.5, slices_per_subject=2, val_fraction=0.0),
+        workers=1,
+        progress=False,
+    )
     manifest = data.discover(out).manifest
     rows = manifest[(manifest["label"] == "fracture") & (manifest["mask_path"] != "")]
     assert len(rows) >= 2

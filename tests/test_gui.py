@@ -11,18 +11,23 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
-from cspine_utils import config, gui, models, phantom, pipeline
 from test_dicom import write_ct
 from test_predict import make_tiny_bundle
+
+from cspine_utils import config, gui, phantom, pipeline
 
 NOTEBOOK = config.repo_root() / "notebooks" / "06_predict_gui.ipynb"
 
 
 def upload_entry(name: str, content: bytes, mime: str = "image/png") -> dict:
     """One file as ipywidgets 8 puts it in ``FileUpload.value``."""
-    return {"name": name, "type": mime, "size": len(content), "content": memoryview(content),
-            "last_modified": dt.datetime.now(dt.timezone.utc)}
+    return {
+        "name": name,
+        "type": mime,
+        "size": len(content),
+        "content": memoryview(content),
+        "last_modified": dt.datetime.now(dt.timezone.utc),
+    }
 
 
 def upload(app: gui.App, *files: tuple[str, bytes]) -> None:
@@ -31,14 +36,12 @@ def upload(app: gui.App, *files: tuple[str, bytes]) -> None:
 
 def card_images(card) -> list:
     """The Image widgets of a result card (model input, Grad-CAM overlay)."""
-    return [w for box in card.children for w in getattr(box, "children", ())
-            if w.__class__.__name__ == "Image"]
+    return [w for box in card.children for w in getattr(box, "children", ()) if w.__class__.__name__ == "Image"]
 
 
 def slice_png(seed: int, fracture: bool = True) -> bytes:
     rng = np.random.default_rng(seed)
-    spec = phantom.SliceSpec(phantom.sample_subject(rng, f"g{seed}"), "C5",
-                             "linear" if fracture else "none", 0.3, seed)
+    spec = phantom.SliceSpec(phantom.sample_subject(rng, f"g{seed}"), "C5", "linear" if fracture else "none", 0.3, seed)
     buf = io.BytesIO()
     Image.fromarray(phantom.render_slice(spec).image).save(buf, format="PNG")
     return buf.getvalue()
@@ -106,8 +109,13 @@ def test_dicom_upload_is_shown_in_the_bone_window(app, tmp_path):
 
 def test_bad_files_get_plain_messages_and_the_app_keeps_working(app, pngs, tmp_path):
     header_only = write_ct(tmp_path / "header.dcm", None).read_bytes()
-    upload(app, ("notes.png", b"my notes, not an image"), ("empty.png", b""),
-           ("header.dcm", header_only), ("normal.png", pngs["normal.png"]))
+    upload(
+        app,
+        ("notes.png", b"my notes, not an image"),
+        ("empty.png", b""),
+        ("header.dcm", header_only),
+        ("normal.png", pngs["normal.png"]),
+    )
     errors = {r.file: r.error for r in app.results}
     assert errors["normal.png"] is None
     assert errors["notes.png"].startswith("corrupt or unreadable file: it is a text file")
@@ -218,11 +226,20 @@ def _run_notebook(tmp_path, artifacts: Path) -> str:
     import papermill
 
     out = tmp_path / "06.ipynb"
-    papermill.execute_notebook(str(NOTEBOOK), str(out), kernel_name="python3", progress_bar=False,
-                               cwd=str(NOTEBOOK.parent), parameters={"N_DEMO": 2})
+    papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(out),
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(NOTEBOOK.parent),
+        parameters={"N_DEMO": 2},
+    )
     nb = nbformat.read(out, as_version=4)
-    return "\n".join(o.get("text", "") if o.output_type == "stream" else str(o.get("data", {}).get("text/plain", ""))
-                     for c in nb.cells for o in c.get("outputs", []))
+    return "\n".join(
+        o.get("text", "") if o.output_type == "stream" else str(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )
 
 
 @pytest.mark.slow

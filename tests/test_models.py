@@ -30,7 +30,7 @@ def toy_images(n: int = 40, size: int = 32, seed: int = 0) -> tuple[np.ndarray, 
     y = np.arange(n) % 2
     for i in np.flatnonzero(y):
         r, c = rng.integers(2, size - 10, size=2)
-        x[i, r:r + 8, c:c + 8, 0] = 0.9
+        x[i, r : r + 8, c : c + 8, 0] = 0.9
     return x, y.astype(np.float32)
 
 
@@ -66,8 +66,7 @@ def test_build_cnn_shapes_and_gradcam_layer(small_cnn):
     assert p.shape == (4, 1) and ((p > 0) & (p < 1)).all()
     assert small_cnn.get_layer("last_conv").output.shape == (None, 8, 8, 16)
     assert models.gradcam_layer_name(small_cnn) == "last_conv_relu"
-    grad_model = keras.Model(small_cnn.input, [small_cnn.get_layer("last_conv_relu").output,
-                                               small_cnn.output])
+    grad_model = keras.Model(small_cnn.input, [small_cnn.get_layer("last_conv_relu").output, small_cnn.output])
     maps, probs = grad_model(x)
     assert maps.shape == (4, 8, 8, 16) and probs.shape == (4, 1)
     assert small_cnn.get_layer(models.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
@@ -76,8 +75,10 @@ def test_build_cnn_shapes_and_gradcam_layer(small_cnn):
 def test_build_cnn_default_and_bad_arguments():
     model = models.build_cnn(64)
     assert model.input_shape == (None, 64, 64, 1) and model.output_shape == (None, 1)
-    assert [l.name for l in model.layers if isinstance(l, keras.layers.Conv2D)][-2:] == [
-        "block4_conv1", "last_conv"]
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-2:] == [
+        "block4_conv1",
+        "last_conv",
+    ]
     with pytest.raises(ValueError, match="image_size"):
         models.build_cnn(4)  # 4 blocks need >= 8 px
     with pytest.raises(ValueError, match="dropout"):
@@ -92,8 +93,7 @@ def test_vgg16_classifier_shapes_preprocessing_and_gradcam():
     x = np.full((2, 32, 32, 1), 0.5, dtype=np.float32)
     assert model(x).shape == (2, 1)
     pre = keras.Model(model.input, model.get_layer("vgg_preprocess").output)(x)
-    np.testing.assert_allclose(np.asarray(pre)[0, 0, 0], 127.5 - np.array(models.VGG16_BGR_MEAN),
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(pre)[0, 0, 0], 127.5 - np.array(models.VGG16_BGR_MEAN), rtol=1e-5)
     # Grad-CAM: the base's last convolution wired to the classifier's input
     grad_model = keras.Model(model.input, [model.get_layer("block5_conv3").output, model.output])
     maps, probs = grad_model(x)
@@ -127,8 +127,14 @@ def test_weights_from_file_load_into_any_image_size(tmp_path):
 
 
 def test_weights_file_errors(tmp_path):
-    wrong = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3),
-                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    wrong = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(8, 3),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1),
+        ]
+    )
     path = tmp_path / "small_cnn.weights.h5"
     wrong.save_weights(str(path))
     with pytest.raises(ValueError, match="small_cnn.weights.h5 does not hold the weights of a VGG"):
@@ -142,8 +148,11 @@ def test_weights_file_errors(tmp_path):
 
 
 def test_imagenet_offline_raises_clear_error(offline_keras):
-    with pytest.raises(RuntimeError, match=r"ImageNet weights could not be downloaded \(offline\?\)"
-                                           r".*weights='auto'"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"ImageNet weights could not be downloaded \(offline\?\)"
+        r".*weights='auto'",
+    ):
         models.resolve_vgg16_weights("imagenet", download_timeout=20)
 
 
@@ -161,8 +170,9 @@ def test_imagenet_uses_the_keras_cache(offline_keras, monkeypatch):
     info = models.resolve_vgg16_weights("imagenet")
     assert (info.source, info.path, info.pretrained) == ("imagenet", str(path), True)
     model, _ = models.build_vgg16_classifier(32, weights=info)
-    np.testing.assert_array_equal(model.get_layer("block3_conv2").get_weights()[0],
-                                  base.get_layer("block3_conv2").get_weights()[0])
+    np.testing.assert_array_equal(
+        model.get_layer("block3_conv2").get_weights()[0], base.get_layer("block3_conv2").get_weights()[0]
+    )
     # a cached file with another checksum (interrupted download) is not trusted
     monkeypatch.setattr(models, "_IMAGENET_NOTOP_MD5", "0" * 32)
     with pytest.warns(UserWarning, match="MD5"), pytest.raises(RuntimeError, match="downloaded"):
@@ -206,9 +216,16 @@ def test_hed_weights_land_in_every_vgg_convolution():
 def test_train_cnn_decreases_loss_and_logs(tmp_path, small_cnn):
     x, y = toy_images(40)
     train, val = toy_dataset(x[:32], y[:32]), toy_dataset(x[32:], y[32:])
-    history = models.train_cnn(small_cnn, train, val, epochs=2, lr=1e-2,
-                               class_weight=models.class_weights_from_labels(y[:32]),
-                               out_dir=tmp_path, verbose=0)
+    history = models.train_cnn(
+        small_cnn,
+        train,
+        val,
+        epochs=2,
+        lr=1e-2,
+        class_weight=models.class_weights_from_labels(y[:32]),
+        out_dir=tmp_path,
+        verbose=0,
+    )
     assert history["loss"][1] < history["loss"][0]
     assert {"loss", "accuracy", "auc", "precision", "recall", "val_auc"} <= set(history)
     assert (tmp_path / "best.keras").is_file()
@@ -223,7 +240,7 @@ class TrainableRecorder(keras.callbacks.Callback):
         self.phases: list[set[str]] = []
 
     def on_train_begin(self, logs=None):
-        self.phases.append({l.name for l in self.model.layers if l.trainable and l.weights})
+        self.phases.append({layer.name for layer in self.model.layers if layer.trainable and layer.weights})
 
 
 @pytest.mark.slow
@@ -235,9 +252,18 @@ def test_two_phase_training_freezes_then_unfreezes_top_block():
     block1 = model.get_layer("block1_conv1").get_weights()[0].copy()
     block5 = model.get_layer("block5_conv3").get_weights()[0].copy()
     recorder = TrainableRecorder()
-    history = models.train_two_phase(model, ds, ds, epochs_head=1, epochs_finetune=1,
-                                     lr_finetune=1e-4, unfreeze_blocks=1, optimizer="sgd",
-                                     callbacks=[recorder], verbose=0)
+    history = models.train_two_phase(
+        model,
+        ds,
+        ds,
+        epochs_head=1,
+        epochs_finetune=1,
+        lr_finetune=1e-4,
+        unfreeze_blocks=1,
+        optimizer="sgd",
+        callbacks=[recorder],
+        verbose=0,
+    )
     head = {"head_norm", "head_dense", models.OUTPUT_LAYER}
     assert recorder.phases == [head, head | set(models.VGG16_BLOCKS[5])]
     assert history["phase"] == [1, 2] and len(history["val_auc"]) == 2
@@ -259,13 +285,15 @@ def test_two_phase_with_a_pretrained_head_only_fine_tunes(tmp_path):
     x, y = toy_images(16)
     ds = toy_dataset(x, y)
     head_kernel = model.get_layer("head_dense").get_weights()[0].copy()
-    history = models.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4,
-                                     out_dir=tmp_path, verbose=0)
+    history = models.train_two_phase(
+        model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4, out_dir=tmp_path, verbose=0
+    )
     assert history["phase"] == [2] and len(history["val_auc"]) == 1
     assert not np.array_equal(model.get_layer("head_dense").get_weights()[0], head_kernel)
     # a second run into the same folder starts a new log: nothing to append to without phase 1
-    models.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4,
-                           out_dir=tmp_path, verbose=0)
+    models.train_two_phase(
+        model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4, out_dir=tmp_path, verbose=0
+    )
     assert len((tmp_path / "history.csv").read_text().strip().splitlines()) == 1 + 1
     with pytest.raises(ValueError, match="nothing to train"):
         models.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=0)
@@ -314,8 +342,7 @@ def test_choose_threshold_by_hand():
 def test_manifest_fingerprint():
     import pandas as pd
 
-    m = pd.DataFrame({"path": ["/d/a.png", "/d/b.png"], "label": ["normal", "fracture"],
-                      "split": ["train", "val"]})
+    m = pd.DataFrame({"path": ["/d/a.png", "/d/b.png"], "label": ["normal", "fracture"], "split": ["train", "val"]})
     fp = models.manifest_fingerprint(m)
     assert len(fp) == 64 and fp == models.manifest_fingerprint(m.iloc[::-1])
     changed = m.assign(label=["fracture", "fracture"])
@@ -331,11 +358,19 @@ def test_manifest_fingerprint():
 # Bundles
 # --------------------------------------------------------------------------------------------
 def save_small_bundle(model, folder, **overrides):
-    kwargs = dict(class_names=pipeline.CLASS_NAMES, image_size=32, channels=1,
-                  preprocessing={"crop_roi": False, "window": [400, 1800]}, threshold=0.42,
-                  val_metrics={"auc": np.float32(0.9), "n": np.int64(8)},
-                  weights_info=None, data_fingerprint="abc123", seed=0, profile="smoke",
-                  name="toy")
+    kwargs = dict(
+        class_names=pipeline.CLASS_NAMES,
+        image_size=32,
+        channels=1,
+        preprocessing={"crop_roi": False, "window": [400, 1800]},
+        threshold=0.42,
+        val_metrics={"auc": np.float32(0.9), "n": np.int64(8)},
+        weights_info=None,
+        data_fingerprint="abc123",
+        seed=0,
+        profile="smoke",
+        name="toy",
+    )
     kwargs.update(overrides)
     return models.save_bundle(model, folder, **kwargs)
 
@@ -344,9 +379,24 @@ def test_bundle_round_trip_and_fields(tmp_path, small_cnn):
     x, _ = toy_images(6)
     folder = save_small_bundle(small_cnn, tmp_path / "bundle")
     record = json.loads((folder / "bundle.json").read_text())
-    for key in ("format_version", "name", "created", "model_file", "model_sha256", "class_names",
-                "image_size", "channels", "preprocessing", "threshold", "val_metrics", "weights",
-                "data_fingerprint", "seed", "profile", "versions"):
+    for key in (
+        "format_version",
+        "name",
+        "created",
+        "model_file",
+        "model_sha256",
+        "class_names",
+        "image_size",
+        "channels",
+        "preprocessing",
+        "threshold",
+        "val_metrics",
+        "weights",
+        "data_fingerprint",
+        "seed",
+        "profile",
+        "versions",
+    ):
         assert key in record, key
     assert set(record["versions"]) >= {"tensorflow", "keras", "numpy", "cspine_utils"}
     assert record["val_metrics"] == {"auc": pytest.approx(0.9), "n": 8}
@@ -379,8 +429,11 @@ def test_bundle_refuses_tampered_or_missing_files(tmp_path, small_cnn):
     folder = save_small_bundle(small_cnn, tmp_path / "bundle")
     with open(folder / "model.keras", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ValueError, match=r"model.keras in .*bundle does not match the checksum "
-                                         r"recorded in bundle.json"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.keras in .*bundle does not match the checksum "
+        r"recorded in bundle.json",
+    ):
         models.load_bundle(folder)
     (folder / "model.keras").unlink()
     with pytest.raises(FileNotFoundError, match="no model.keras in .*save_bundle"):
@@ -407,7 +460,7 @@ def test_save_bundle_validates(tmp_path, small_cnn):
 def test_vgg_bundle_loads_in_safe_mode(tmp_path):
     config.set_seed(0)
     model, info = models.build_vgg16_classifier(32, weights=None, head_units=8)
-    assert not any(isinstance(l, keras.layers.Lambda) for l in model.layers)
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in model.layers)
     folder = save_small_bundle(model, tmp_path / "vgg", weights_info=info)
     assert json.loads((folder / "bundle.json").read_text())["weights"]["source"] == "random"
     reloaded = keras.saving.load_model(str(folder / "model.keras"), safe_mode=True)
@@ -477,8 +530,7 @@ def test_a_model_trained_in_bfloat16_is_bundled_in_float32(tmp_path):
     p16 = np.asarray(model.predict(x, verbose=0)).ravel()
     p32 = np.asarray(plain.predict(x, verbose=0)).ravel()
     assert np.abs(p16 - p32).max() < 0.05  # bfloat16 keeps ~3 significant digits
-    folder = models.save_bundle(model, tmp_path / "b", image_size=32, weights_info=info,
-                                profile="smoke")
+    folder = models.save_bundle(model, tmp_path / "b", image_size=32, weights_info=info, profile="smoke")
     record = json.loads((folder / "bundle.json").read_text())
     assert record["compute_dtype"] == "float32"
     assert record["trained_compute_dtypes"] == ["bfloat16", "float32"]

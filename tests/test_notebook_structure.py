@@ -14,8 +14,14 @@ NOTEBOOKS = sorted((config.repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb")
 
 def test_course_notebooks_exist():
     names = [p.stem for p in NOTEBOOKS]
-    assert names == ["01_data_exploration", "02_preprocessing_augmentation", "03_cnn_training",
-                     "04_vgg_finetuning_tuner", "05_evaluation", "06_predict_gui"], names
+    assert names == [
+        "01_data_exploration",
+        "02_preprocessing_augmentation",
+        "03_cnn_training",
+        "04_vgg_finetuning_tuner",
+        "05_evaluation",
+        "06_predict_gui",
+    ], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -33,8 +39,13 @@ def test_opening_parameters_setup_summary_exercises(path):
         assert re.search(rf"^{name}\s*=", params[0].source, re.M), f"parameters cell defines {name}"
     assert "CSPINE_PROFILE" in params[0].source and "CSPINE_DATA_DIR" in params[0].source
     assert cells.index(params[0]) <= 2, "parameters right after the opening"
-    headings = [line.strip() for c in cells if c.cell_type == "markdown"
-                for line in c.source.splitlines() if line.startswith("## ")]
+    headings = [
+        line.strip()
+        for c in cells
+        if c.cell_type == "markdown"
+        for line in c.source.splitlines()
+        if line.startswith("## ")
+    ]
     assert "## Setup" in headings
     setup_at = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and c.source.startswith("## Setup"))
     setup_code = cells[setup_at + 1]

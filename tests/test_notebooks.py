@@ -28,11 +28,15 @@ def course(tmp_path_factory):
     """`cspine run --profile smoke` in a temporary folder; returns (root, report dir, printed lines)."""
     root = tmp_path_factory.mktemp("course")
     dataset = root / "data"
-    phantom.generate_dataset(dataset, phantom.SynthConfig(n=config.get_profile("smoke").n_synthetic, seed=0),
-                             workers=2, progress=False)
+    phantom.generate_dataset(
+        dataset, phantom.SynthConfig(n=config.get_profile("smoke").n_synthetic, seed=0), workers=2, progress=False
+    )
     mp = pytest.MonkeyPatch()
-    for key, value in {"CSPINE_ARTIFACTS": str(root / "artifacts"), "CSPINE_REPORT_DIR": str(root / "report"),
-                       "TF_CPP_MIN_LOG_LEVEL": "2"}.items():
+    for key, value in {
+        "CSPINE_ARTIFACTS": str(root / "artifacts"),
+        "CSPINE_REPORT_DIR": str(root / "report"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }.items():
         mp.setenv(key, value)
     lines: list[str] = []
     try:
@@ -53,8 +57,11 @@ def _outputs_text(cell) -> str:
 
 
 def _source_cells(nb) -> list:
-    return [c for c in nb.cells if not ({"injected-parameters", "papermill-error-cell-tag"}
-                                        & set(c.get("metadata", {}).get("tags", [])))]
+    return [
+        c
+        for c in nb.cells
+        if not ({"injected-parameters", "papermill-error-cell-tag"} & set(c.get("metadata", {}).get("tags", [])))
+    ]
 
 
 @pytest.mark.slow
@@ -63,7 +70,11 @@ def test_every_notebook_ran_without_errors_and_was_rendered(course):
     assert [r.name for r in runs] == COURSE
     for name in COURSE:
         executed = nbformat.read(rep / "executed" / f"{name}.ipynb", as_version=4)
-        errors = [i for i, c in enumerate(executed.cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+        errors = [
+            i
+            for i, c in enumerate(executed.cells)
+            if any(o.get("output_type") == "error" for o in c.get("outputs", []))
+        ]
         assert not errors, f"{name}: error cells {errors}"
         assert (rep / "html" / f"{name}.html").stat().st_size > 10_000
     assert any(line.startswith("[1/") for line in lines) and any(line.startswith(f"[{len(COURSE)}/") for line in lines)
@@ -118,8 +129,11 @@ def test_checked_outputs_match_the_stored_notebook(course, name):
 
 
 def test_course_has_checked_cells():
-    marked = [name for name in COURSE
-              if any(CHECK_MARK in c.source for c in nbformat.read(NOTEBOOKS / f"{name}.ipynb", 4).cells)]
+    marked = [
+        name
+        for name in COURSE
+        if any(CHECK_MARK in c.source for c in nbformat.read(NOTEBOOKS / f"{name}.ipynb", 4).cells)
+    ]
     assert len(marked) >= 4, f"deterministic cells carry {CHECK_MARK} in most notebooks, found in {marked}"
 
 
@@ -129,8 +143,13 @@ def test_a_notebook_run_before_its_predecessor_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("CSPINE_REPORT_DIR", str(tmp_path / "report"))
     out = tmp_path / "02.ipynb"
     with pytest.raises(papermill.PapermillExecutionError) as info:
-        papermill.execute_notebook(str(NOTEBOOKS / "02_preprocessing_augmentation.ipynb"), str(out),
-                                   kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS))
+        papermill.execute_notebook(
+            str(NOTEBOOKS / "02_preprocessing_augmentation.ipynb"),
+            str(out),
+            kernel_name="python3",
+            progress_bar=False,
+            cwd=str(NOTEBOOKS),
+        )
     assert "run notebooks/01_data_exploration.ipynb first" in str(info.value)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+
 import tomllib
 
 from cspine_utils import config
@@ -38,7 +39,9 @@ def _environment_yml() -> dict[str, str]:
 
 def test_environment_yml_matches_pyproject():
     py, env = _pyproject(), _environment_yml()
-    assert set(py) == set(env), f"only in pyproject: {set(py) - set(env)}; only in environment.yml: {set(env) - set(py)}"
+    assert set(py) == set(env), (
+        f"only in pyproject: {set(py) - set(env)}; only in environment.yml: {set(env) - set(py)}"
+    )
     for name in py:
         assert py[name] == env[name], f"{name}: pyproject {py[name]!r} vs environment.yml {env[name]!r}"
 

@@ -39,8 +39,13 @@ def test_tissue_hu_ranges_before_windowing(level):
     hu, tissue, mask, px = phantom.render_anatomy(spec)
     assert not mask.any()
     expected = {  # label: (low, high) for the median of the tissue's core pixels
-        "fat": (-120, -80), "muscle": (35, 55), "csf": (0, 15), "cord": (30, 40),
-        "air": (-1001, -999), "airway": (-1001, -999), "cancellous": (60, 360),
+        "fat": (-120, -80),
+        "muscle": (35, 55),
+        "csf": (0, 15),
+        "cord": (30, 40),
+        "air": (-1001, -999),
+        "airway": (-1001, -999),
+        "cancellous": (60, 360),
     }
     for name, (lo, hi) in expected.items():
         core = ndimage.binary_erosion(tissue == T[name], iterations=2)
@@ -57,11 +62,15 @@ def test_tissue_hu_ranges_before_windowing(level):
 
 def test_every_level_has_its_shape():
     """C1 has no body but a ring around the dens; C7's spinous process is longer than C4's."""
+
     def bone_extent(level):
         spec = _spec(level=level, seed=4, matrix=512, fov_mm=180.0, rotation_deg=0.0)
         _, tissue, _, px = phantom.render_anatomy(spec)
-        ys, xs = np.nonzero(np.isin(tissue, [T["cortical"], T["cancellous"]]) & (np.abs(np.arange(512) - 256)[None, :] < 40))
+        ys, xs = np.nonzero(
+            np.isin(tissue, [T["cortical"], T["cancellous"]]) & (np.abs(np.arange(512) - 256)[None, :] < 40)
+        )
         return (ys.max() - ys.min()) * px
+
     assert bone_extent("C7") > bone_extent("C4") + 4  # long spinous process
     spec = _spec(level="C1", seed=4, matrix=512, fov_mm=180.0)
     _, tissue, _, _ = phantom.render_anatomy(spec)
@@ -91,8 +100,9 @@ def test_fracture_mask_lies_on_bone_and_only_fracture_differs(level, ftype):
 def test_difficulty_changes_gap_and_contrast():
     gaps = []
     for d in (0.0, 0.5, 1.0):
-        hu, tissue, mask, px = phantom.render_anatomy(_spec(level="C5", ftype="linear", difficulty=d, seed=8,
-                                                            matrix=512, fov_mm=180.0))
+        hu, tissue, mask, px = phantom.render_anatomy(
+            _spec(level="C5", ftype="linear", difficulty=d, seed=8, matrix=512, fov_mm=180.0)
+        )
         gaps.append(mask.sum() * px * px)
     assert gaps[0] > gaps[1] > gaps[2] > 0
 
@@ -184,8 +194,22 @@ def test_dataset_layout_and_manifest(small_dataset):
     out, cfg, manifest = small_dataset
     on_disk = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert len(on_disk) == len(manifest) == cfg.n
-    required = {"file", "label", "split", "subject_id", "level", "fracture_type", "difficulty", "mask_file",
-                "width", "height", "pixel_mm", "seed", "generator_version", "generator_params"}
+    required = {
+        "file",
+        "label",
+        "split",
+        "subject_id",
+        "level",
+        "fracture_type",
+        "difficulty",
+        "mask_file",
+        "width",
+        "height",
+        "pixel_mm",
+        "seed",
+        "generator_version",
+        "generator_params",
+    }
     assert required <= set(on_disk.columns)
     for row in on_disk.itertuples():
         path = out / row.file
@@ -223,6 +247,7 @@ def test_plan_keeps_levels_independent_of_label():
 def test_same_seed_same_bytes_different_seed_different(tmp_path):
     def files(folder):
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
     cfg = phantom.SynthConfig(n=8, seed=9)
     phantom.generate_dataset(tmp_path / "a", cfg, workers=2, progress=False)
     phantom.generate_dataset(tmp_path / "b", cfg, workers=1, progress=False)
@@ -248,11 +273,14 @@ def test_cli_round_trip_and_reuse(tmp_path, capsys):
     assert json.loads((out / "dataset.json").read_text())["params"]["difficulty"] == 0.9
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--n", "0"], "--n must be a positive"),
-    (["--n", "5", "--difficulty", "-0.1"], "--difficulty must lie in"),
-    (["--n", "5", "--seed", "-1"], "--seed must be non-negative"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--n", "0"], "--n must be a positive"),
+        (["--n", "5", "--difficulty", "-0.1"], "--difficulty must lie in"),
+        (["--n", "5", "--seed", "-1"], "--seed must be non-negative"),
+    ],
+)
 def test_cli_bad_arguments(tmp_path, capsys, extra, message):
     assert cli.main(["data", "synth", "--out", str(tmp_path / "x"), "--quiet", *extra]) == 1
     err = capsys.readouterr().err
@@ -286,6 +314,7 @@ def test_failed_regeneration_keeps_previous_dataset(tmp_path, monkeypatch):
 
     def boom(args):
         raise RuntimeError("disk on fire")
+
     monkeypatch.setattr(phantom, "_render_row", boom)
     with pytest.raises(RuntimeError):
         phantom.generate_dataset(out, phantom.SynthConfig(n=4, seed=2), workers=1, progress=False)

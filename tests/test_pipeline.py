@@ -56,8 +56,9 @@ def _batches(ds):
 # Importing is free of TensorFlow
 # --------------------------------------------------------------------------------------------
 def test_import_does_not_load_tensorflow():
-    code = ("import sys, cspine_utils.pipeline as p; "
-            "print(int('tensorflow' in sys.modules), int('keras' in sys.modules))")
+    code = (
+        "import sys, cspine_utils.pipeline as p; print(int('tensorflow' in sys.modules), int('keras' in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "0"]
 
@@ -111,7 +112,7 @@ def test_roi_bbox_finds_planted_bright_blob():
     rng = np.random.default_rng(0)
     img = np.clip(0.25 + rng.normal(0, 0.05, size=(200, 300)), 0, 1).astype(np.float32)
     yy, xx = np.mgrid[:200, :300]
-    img[(yy - 130) ** 2 + (xx - 210) ** 2 <= 15 ** 2] = 0.9  # the "vertebra": rows 115-145, cols 195-225
+    img[(yy - 130) ** 2 + (xx - 210) ** 2 <= 15**2] = 0.9  # the "vertebra": rows 115-145, cols 195-225
     img[20:23, 20:23] = 0.9  # a small bright speck elsewhere: not the largest region
     top, left, bottom, right = pipeline.roi_bbox(img, margin=0.0)
     assert 112 <= top <= 117 and 143 <= bottom <= 148
@@ -157,7 +158,7 @@ def _top_bright_batch(n: int = 64, size: int = 32) -> np.ndarray:
     """Top half bright (0.8), bottom half dark (0.2), a white mark in the top-left quarter."""
     img = np.full((size, size, 1), 0.2, dtype=np.float32)
     img[: size // 2] = 0.8
-    img[2: size // 4, 2: size // 4] = 1.0
+    img[2 : size // 4, 2 : size // 4] = 1.0
     return np.repeat(img[np.newaxis], n, axis=0)
 
 
@@ -197,7 +198,13 @@ def test_augmentation_rejects_bad_strength(strength):
 def test_random_affine_config_round_trip():
     layer = pipeline.RandomAffine(rotation=5, translation=0.1, zoom=0.05, horizontal_flip=False, seed=7)
     clone = pipeline.RandomAffine.from_config(layer.get_config())
-    assert (clone.rotation, clone.translation, clone.zoom, clone.horizontal_flip, clone.seed) == (5, 0.1, 0.05, False, 7)
+    assert (clone.rotation, clone.translation, clone.zoom, clone.horizontal_flip, clone.seed) == (
+        5,
+        0.1,
+        0.05,
+        False,
+        7,
+    )
     with pytest.raises(ValueError, match="rotation"):
         pipeline.RandomAffine(rotation=-1)
 
@@ -226,7 +233,7 @@ def test_training_dataset_shuffles_augments_and_keeps_labels(tiny_manifest):
     assert 0.0 <= x.min() and x.max() <= 1.0
     assert sorted(y.tolist()) == sorted((tiny_manifest["label"] == "fracture").astype(float).tolist())
     # each image still carries its own label: the grey level codes it (fracture bright)
-    centre_means = x[:, S // 4: 3 * S // 4, S // 4: 3 * S // 4].mean(axis=(1, 2, 3))
+    centre_means = x[:, S // 4 : 3 * S // 4, S // 4 : 3 * S // 4].mean(axis=(1, 2, 3))
     assert np.array_equal(centre_means > 0.42, y == 1.0)
     x_eval, _ = _batches(pipeline.make_dataset(tiny_manifest, S, 12, training=False))
     assert not any(np.allclose(e, xi) for e in x_eval for xi in x)  # augmented, not eval images
@@ -234,8 +241,7 @@ def test_training_dataset_shuffles_augments_and_keeps_labels(tiny_manifest):
 
 def test_training_order_is_reproducible_with_seed(tiny_manifest):
     def order(seed):
-        ds = pipeline.make_dataset(tiny_manifest, S, batch_size=12, training=True, seed=seed,
-                                   augment_strength=0.0)
+        ds = pipeline.make_dataset(tiny_manifest, S, batch_size=12, training=True, seed=seed, augment_strength=0.0)
         x, _ = _batches(ds)
         return [int(np.argmin([np.abs(xi - e).sum() for e in eval_x])) for xi in x]
 
@@ -249,9 +255,9 @@ def test_training_order_is_reproducible_with_seed(tiny_manifest):
 def test_augmented_batches_are_reproducible_with_seed(tiny_manifest):
     """Same seed, same augmented images in the same order, epoch after epoch: training runs
     (the CNN of notebook 03) can be repeated exactly."""
+
     def stream(seed):
-        ds = pipeline.make_dataset(tiny_manifest, S, batch_size=2, training=True, seed=seed,
-                                   augment_strength=1.0)
+        ds = pipeline.make_dataset(tiny_manifest, S, batch_size=2, training=True, seed=seed, augment_strength=1.0)
         return np.concatenate([_batches(ds)[0] for _ in range(3)])
 
     first = stream(0)

@@ -28,14 +28,20 @@ def make_tiny_bundle(models_dir: Path, name: str = "cnn", threshold: float = 0.5
     model = models.build_cnn(SIZE, filters=(8, 16), name=name)
     model.compile(optimizer="adam", loss="binary_crossentropy")
     model.fit(x, y, epochs=1, batch_size=10, verbose=0)
-    return models.save_bundle(model, models_dir / name, image_size=SIZE, threshold=threshold,
-                              preprocessing={"crop_roi": False}, profile="smoke", name=name)
+    return models.save_bundle(
+        model,
+        models_dir / name,
+        image_size=SIZE,
+        threshold=threshold,
+        preprocessing={"crop_roi": False},
+        profile="smoke",
+        name=name,
+    )
 
 
 def phantom_png(path: Path, seed: int, fracture: bool = True) -> Path:
     rng = np.random.default_rng(seed)
-    spec = phantom.SliceSpec(phantom.sample_subject(rng, f"t{seed}"), "C5",
-                             "linear" if fracture else "none", 0.3, seed)
+    spec = phantom.SliceSpec(phantom.sample_subject(rng, f"t{seed}"), "C5", "linear" if fracture else "none", 0.3, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(phantom.render_slice(spec).image).save(path)
     return path
@@ -183,8 +189,9 @@ def test_every_bad_input_kind_has_a_plain_message(tmp_path, bundle):
     assert errors["cut.png"].startswith("corrupt or unreadable file")
     assert errors["header only.dcm"].startswith("DICOM without pixel data")
     assert errors["notes.txt"].startswith("unsupported file type '.txt'")
-    assert errors["big.png"] == ("image too large: 14,400 pixels (120x120), the limit is 10,000 pixels; "
-                                 "refused without decoding it")
+    assert errors["big.png"] == (
+        "image too large: 14,400 pixels (120x120), the limit is 10,000 pixels; refused without decoding it"
+    )
     assert all(str(tmp_path) not in e for e in errors.values()), "messages name no temporary path"
 
 
@@ -230,8 +237,13 @@ def test_console_script_exit_code_and_json(use_artifacts, scans, tmp_path):
     bad = tmp_path / "empty.dcm"
     bad.write_bytes(b"")
     env = dict(os.environ, CSPINE_ARTIFACTS=str(use_artifacts), TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-m", "cspine_utils", "predict", str(scans / "sub dir"), str(bad),
-                           "--json"], capture_output=True, text=True, env=env, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cspine_utils", "predict", str(scans / "sub dir"), str(bad), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert proc.returncode == 1, proc.stderr
     rows = json.loads(proc.stdout)
     assert [r["error"] is None for r in rows] == [True, True, False]

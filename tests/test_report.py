@@ -13,9 +13,13 @@ from cspine_utils import cli, config, report
 
 
 def _notebook(path, *codes):
-    nb = new_notebook(cells=[new_markdown_cell(f"# {path.stem[:2]} · test"),
-                             new_code_cell('PROFILE = "smoke"\nDATA_DIR = ""\nSEED = 0', metadata={"tags": ["parameters"]}),
-                             *[new_code_cell(c) for c in codes]])
+    nb = new_notebook(
+        cells=[
+            new_markdown_cell(f"# {path.stem[:2]} · test"),
+            new_code_cell('PROFILE = "smoke"\nDATA_DIR = ""\nSEED = 0', metadata={"tags": ["parameters"]}),
+            *[new_code_cell(c) for c in codes],
+        ]
+    )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
 
@@ -26,9 +30,12 @@ def mini_course(tmp_path, monkeypatch):
     nbdir.mkdir()
     flag = tmp_path / "fixed.txt"
     _notebook(nbdir / "01_first.ipynb", "print('first', PROFILE)")
-    _notebook(nbdir / "02_second.ipynb", "x = 1",
-              f"import pathlib\nif not pathlib.Path({str(flag)!r}).exists():\n    raise ValueError('the data are broken')",
-              "print('second done')")
+    _notebook(
+        nbdir / "02_second.ipynb",
+        "x = 1",
+        f"import pathlib\nif not pathlib.Path({str(flag)!r}).exists():\n    raise ValueError('the data are broken')",
+        "print('second done')",
+    )
     monkeypatch.setenv("CSPINE_ARTIFACTS", str(tmp_path / "artifacts"))
     return nbdir, tmp_path / "report", flag
 
@@ -46,11 +53,15 @@ def test_failure_stops_with_one_message_keeps_partial_and_from_resumes(mini_cour
     assert any("[1/2] 01_first" in line for line in lines) and any("[2/2] 02_second" in line for line in lines)
     assert (rep / "executed" / "01_first.ipynb").is_file()
     # the source notebooks are never overwritten
-    assert all(c.get("outputs", []) == [] for c in nbformat.read(nbdir / "02_second.ipynb", 4).cells if c.cell_type == "code")
+    assert all(
+        c.get("outputs", []) == [] for c in nbformat.read(nbdir / "02_second.ipynb", 4).cells if c.cell_type == "code"
+    )
 
     flag.write_text("ok")
     lines.clear()
-    runs = report.run_course("smoke", notebooks_dir=nbdir, report_dir=rep, render=False, start_from="02", log=lines.append)
+    runs = report.run_course(
+        "smoke", notebooks_dir=nbdir, report_dir=rep, render=False, start_from="02", log=lines.append
+    )
     assert [r.name for r in runs] == ["02_second"]
     lines.clear()
     report.run_course("smoke", notebooks_dir=nbdir, report_dir=rep, render=False, log=lines.append)

@@ -42,8 +42,7 @@ def tuning_data(manifest) -> tuning.TuningData:
 
 @pytest.fixture(scope="module")
 def hypermodel(tmp_path_factory):
-    cache = tuning.FeatureCache(SIZE, None, copies=2, seed=0,
-                                cache_dir=tmp_path_factory.mktemp("feature_cache"))
+    cache = tuning.FeatureCache(SIZE, None, copies=2, seed=0, cache_dir=tmp_path_factory.mktemp("feature_cache"))
     return tuning.VGGHyperModel(SIZE, None, feature_cache=cache, seed=0)
 
 
@@ -61,15 +60,26 @@ def searched(manifest, tmp_path_factory):
         calls.append(values)
         return len(calls) == 1
 
-    table = tuning.run_search(manifest, "smoke", project_dir=project, mode="fresh", kind="random",
-                              max_trials=3, epochs=1, image_size=SIZE, weights=None,
-                              cache_dir=root / "cache", fault_hook=fail_first_trial)
+    table = tuning.run_search(
+        manifest,
+        "smoke",
+        project_dir=project,
+        mode="fresh",
+        kind="random",
+        max_trials=3,
+        epochs=1,
+        image_size=SIZE,
+        weights=None,
+        cache_dir=root / "cache",
+        fault_hook=fail_first_trial,
+    )
     return {"project": project, "table": table, "cache": root / "cache", "calls": calls}
 
 
 def _resume_kwargs(searched: dict, **changes) -> dict:
-    kwargs = dict(mode="resume", kind="random", max_trials=3, epochs=1, image_size=SIZE,
-                  weights=None, cache_dir=searched["cache"])
+    kwargs = dict(
+        mode="resume", kind="random", max_trials=3, epochs=1, image_size=SIZE, weights=None, cache_dir=searched["cache"]
+    )
     kwargs.update(changes)
     return kwargs
 
@@ -86,10 +96,13 @@ def _sample_values(hm, seed: int) -> dict:
 # The hypermodel, the cache and the head
 # --------------------------------------------------------------------------------------------
 def test_import_does_not_load_tensorflow():
-    code = ("import sys, cspine_utils.tuning as t; "
-            "print(sorted(m for m in ('tensorflow', 'keras', 'keras_tuner') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=REPO, timeout=120)
+    code = (
+        "import sys, cspine_utils.tuning as t; "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'keras_tuner') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO, timeout=120
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -119,8 +132,7 @@ def test_hypermodel_builds_for_sampled_hyperparameters(hypermodel):
         seen_unfreeze.add(resolved["unfreeze_blocks"])
     full = hypermodel.build_full_model(resolved)
     for name in tuning.HEAD_LAYERS:  # the head fits into the full classifier
-        assert [w.shape for w in full.get_layer(name).weights] == \
-               [w.shape for w in head.get_layer(name).weights]
+        assert [w.shape for w in full.get_layer(name).weights] == [w.shape for w in head.get_layer(name).weights]
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         tuning.hyperparameters_from_values(hypermodel, {"learning_rate": 1e-3})
 
@@ -150,8 +162,7 @@ def test_cached_features_equal_the_base_output(hypermodel, tuning_data, tmp_path
 
     # A new cache (another search, another process) reads the .npz files instead of computing.
     again = tuning.FeatureCache(SIZE, None, copies=2, seed=0, cache_dir=cache.cache_dir)
-    np.testing.assert_array_equal(again.get(x_train, 1.0, fingerprint=tuning_data.train_fingerprint),
-                                  augmented)
+    np.testing.assert_array_equal(again.get(x_train, 1.0, fingerprint=tuning_data.train_fingerprint), augmented)
     assert again.stats["disk_hits"] == 1 and again.stats["misses"] == 0
     assert len(list(Path(cache.cache_dir).glob("*.npz"))) >= 2
     # Other settings are other keys.
@@ -163,8 +174,15 @@ def test_cached_features_equal_the_base_output(hypermodel, tuning_data, tmp_path
 
 
 def test_head_trained_on_features_transplants_into_the_full_model(hypermodel, tuning_data):
-    values = {"head_units": 64, "dropout": 0.3, "optimizer": "adam", "lr_head": 1e-3,
-              "unfreeze_blocks": 0, "augment_strength": 0.5, "batch_size": 16}
+    values = {
+        "head_units": 64,
+        "dropout": 0.3,
+        "optimizer": "adam",
+        "lr_head": 1e-3,
+        "unfreeze_blocks": 0,
+        "augment_strength": 0.5,
+        "batch_size": 16,
+    }
     hp = tuning.hyperparameters_from_values(hypermodel, values)
     head = hypermodel.build(hp)
     result = hypermodel.fit(hp, head, tuning_data, epochs=2)
@@ -173,15 +191,22 @@ def test_head_trained_on_features_transplants_into_the_full_model(hypermodel, tu
     x_val = tuning_data.arrays()[2]
     val_feats = hypermodel.feature_cache.get(x_val, 0.0, fingerprint=tuning_data.val_fingerprint)[0]
     full = tuning.transplant_head(head, hypermodel.build_full_model(values))
-    np.testing.assert_allclose(full.predict(x_val, verbose=0), head.predict(val_feats, verbose=0),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(full.predict(x_val, verbose=0), head.predict(val_feats, verbose=0), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="head_units"):
         tuning.transplant_head(head, hypermodel.build_full_model({"head_units": 128, "dropout": 0.3}))
 
 
 def test_fine_tuning_trial_trains_the_full_model(hypermodel, tuning_data):
-    values = {"head_units": 64, "dropout": 0.2, "optimizer": "sgd", "lr_head": 1e-3,
-              "unfreeze_blocks": 1, "lr_finetune": 1e-5, "augment_strength": 0.0, "batch_size": 32}
+    values = {
+        "head_units": 64,
+        "dropout": 0.2,
+        "optimizer": "sgd",
+        "lr_head": 1e-3,
+        "unfreeze_blocks": 1,
+        "lr_finetune": 1e-5,
+        "augment_strength": 0.0,
+        "batch_size": 32,
+    }
     hp = tuning.hyperparameters_from_values(hypermodel, values)
     result = hypermodel.fit(hp, hypermodel.build(hp), tuning_data, epochs=1)
     assert set(result) == {"val_auc", "val_auc_head", "val_auc_finetune"}
@@ -190,8 +215,9 @@ def test_fine_tuning_trial_trains_the_full_model(hypermodel, tuning_data):
 
 @pytest.mark.parametrize("kind", tuning.TUNER_KINDS)
 def test_make_tuner_kinds(hypermodel, tmp_path, kind):
-    tuner = tuning.make_tuner(hypermodel, kind, project_dir=tmp_path / kind, max_trials=2,
-                              max_epochs=2, max_consecutive_failed_trials=2)
+    tuner = tuning.make_tuner(
+        hypermodel, kind, project_dir=tmp_path / kind, max_trials=2, max_epochs=2, max_consecutive_failed_trials=2
+    )
     assert tuner.oracle.objective.name == "val_auc" and tuner.oracle.objective.direction == "max"
     assert tuner.oracle.max_consecutive_failed_trials == 2
     assert tuner.oracle.max_trials == 2
@@ -206,17 +232,24 @@ def test_bad_arguments(hypermodel, manifest, tmp_path):
     with pytest.raises(ValueError, match="mode"):
         tuning.run_search(manifest, "smoke", project_dir=tmp_path / "p", mode="continue")
     with pytest.raises(ValueError, match="split == 'val'"):
-        tuning.run_search(manifest[manifest["split"] != "val"], "smoke",
-                          project_dir=tmp_path / "p", image_size=SIZE, weights=None)
+        tuning.run_search(
+            manifest[manifest["split"] != "val"], "smoke", project_dir=tmp_path / "p", image_size=SIZE, weights=None
+        )
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        tuning.run_search(manifest, "smoke", project_dir=tmp_path / "none", mode="resume",
-                          image_size=SIZE, weights=None, cache_dir=None)
+        tuning.run_search(
+            manifest,
+            "smoke",
+            project_dir=tmp_path / "none",
+            mode="resume",
+            image_size=SIZE,
+            weights=None,
+            cache_dir=None,
+        )
     precious = tmp_path / "not_a_project"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="refusing to delete"):
-        tuning.run_search(manifest, "smoke", project_dir=precious, image_size=SIZE, weights=None,
-                          cache_dir=None)
+        tuning.run_search(manifest, "smoke", project_dir=precious, image_size=SIZE, weights=None, cache_dir=None)
     assert (precious / "notes.txt").is_file()
     with pytest.raises(ValueError, match="feature_cache is for"):
         tuning.VGGHyperModel(48, None, feature_cache=hypermodel.feature_cache)
@@ -231,9 +264,19 @@ def test_bad_arguments(hypermodel, manifest, tmp_path):
 def test_search_writes_results_csv(searched):
     project, table = searched["project"], searched["table"]
     csv = pd.read_csv(project / "results.csv")
-    expected = ["trial_id", "status", "score", "seconds", "tuner_id", "head_units", "dropout",
-                "optimizer", "lr_head", "unfreeze_blocks"]
-    assert list(csv.columns[:len(expected)]) == expected
+    expected = [
+        "trial_id",
+        "status",
+        "score",
+        "seconds",
+        "tuner_id",
+        "head_units",
+        "dropout",
+        "optimizer",
+        "lr_head",
+        "unfreeze_blocks",
+    ]
+    assert list(csv.columns[: len(expected)]) == expected
     assert {"augment_strength", "batch_size", "error"} <= set(csv.columns)
     assert len(csv) == len(table) == 3
     assert list(csv["status"]) == list(table["status"])
@@ -269,8 +312,7 @@ def test_resume_with_matching_settings_continues(searched, manifest, tmp_path):
     shutil.copytree(searched["project"], project)
     before = pd.read_csv(project / "results.csv")
     created = json.loads((project / "search_settings.json").read_text())["created"]
-    table = tuning.run_search(manifest, "smoke", project_dir=project,
-                              **_resume_kwargs(searched, max_trials=4))
+    table = tuning.run_search(manifest, "smoke", project_dir=project, **_resume_kwargs(searched, max_trials=4))
     assert len(table) == 4
     settings = json.loads((project / "search_settings.json").read_text())
     assert settings["created"] == created and "resumed" in settings and settings["max_trials"] == 4
@@ -287,11 +329,9 @@ def test_resume_with_different_settings_raises(searched, manifest, tmp_path):
     shutil.copytree(searched["project"], project)
     before = (project / "results.csv").read_text()
     with pytest.raises(ValueError, match=r"image_size: recorded 32, now 48"):
-        tuning.run_search(manifest, "smoke", project_dir=project,
-                          **_resume_kwargs(searched, image_size=48))
+        tuning.run_search(manifest, "smoke", project_dir=project, **_resume_kwargs(searched, image_size=48))
     with pytest.raises(ValueError, match=r"kind: recorded 'random', now 'bayesian'"):
-        tuning.run_search(manifest, "smoke", project_dir=project,
-                          **_resume_kwargs(searched, kind="bayesian"))
+        tuning.run_search(manifest, "smoke", project_dir=project, **_resume_kwargs(searched, kind="bayesian"))
     fewer = manifest.drop(index=manifest.index[manifest["split"] == "train"][:3])
     with pytest.raises(ValueError, match="data_fingerprint"):
         tuning.run_search(fewer, "smoke", project_dir=project, **_resume_kwargs(searched))
@@ -300,8 +340,7 @@ def test_resume_with_different_settings_raises(searched, manifest, tmp_path):
 
 @pytest.mark.slow
 def test_best_model_rebuilds_the_best_trial(searched, manifest):
-    model, values, history = tuning.best_model(searched["project"], manifest, "smoke",
-                                               epochs_head=1, epochs_finetune=1)
+    model, values, history = tuning.best_model(searched["project"], manifest, "smoke", epochs_head=1, epochs_finetune=1)
     table = searched["table"]
     assert values["score"] == pytest.approx(table["score"].max())
     assert values["trial_id"] == table.loc[table["score"].idxmax(), "trial_id"]
@@ -313,42 +352,67 @@ def test_best_model_rebuilds_the_best_trial(searched, manifest):
 def test_best_model_can_reuse_the_searched_head(searched, manifest):
     """head_from_search: the best trial's head (trained on cached features) is transplanted, so the
     rebuilt model's predictions equal that head on the cached features before any fine-tuning."""
-    model, values, history = tuning.best_model(searched["project"], manifest, "smoke",
-                                               epochs_finetune=0, head_from_search=True)
+    model, values, history = tuning.best_model(
+        searched["project"], manifest, "smoke", epochs_finetune=0, head_from_search=True
+    )
     assert 1 not in history.get("phase", []), "phase 1 is not repeated"
     head = tuning.build_head(int(values["head_units"]), float(values["dropout"]))
     head.load_weights(str(searched["project"] / f"trial_{values['trial_id']}" / "checkpoint.weights.h5"))
-    np.testing.assert_allclose(model.get_layer("fracture_probability").get_weights()[0],
-                               head.get_layer("fracture_probability").get_weights()[0])
-    np.testing.assert_allclose(model.get_layer("head_dense").get_weights()[1],
-                               head.get_layer("head_dense").get_weights()[1])
+    np.testing.assert_allclose(
+        model.get_layer("fracture_probability").get_weights()[0],
+        head.get_layer("fracture_probability").get_weights()[0],
+    )
+    np.testing.assert_allclose(
+        model.get_layer("head_dense").get_weights()[1], head.get_layer("head_dense").get_weights()[1]
+    )
 
 
 def test_best_model_fine_tunes_with_the_recipe_it_is_given(searched, manifest):
     """The cpu recipe: the searched head, then blocks 3-5 with Adam at the given rate, whatever
     optimizer and depth the (frozen-base) trial had."""
-    model, values, history = tuning.best_model(searched["project"], manifest, "smoke",
-                                               epochs_finetune=1, head_from_search=True,
-                                               unfreeze_blocks=3, lr_finetune=2e-4,
-                                               optimizer="Adam")
+    model, values, history = tuning.best_model(
+        searched["project"],
+        manifest,
+        "smoke",
+        epochs_finetune=1,
+        head_from_search=True,
+        unfreeze_blocks=3,
+        lr_finetune=2e-4,
+        optimizer="Adam",
+    )
     assert (values["unfreeze_blocks"], values["lr_finetune"], values["optimizer"]) == (3, 2e-4, "adam")
     assert history["phase"] == [2]
     assert history["trainable"][2] == [n for b in (3, 4, 5) for n in models.VGG16_BLOCKS[b]]
     assert type(model.optimizer).__name__ == "Adam"
     assert float(model.optimizer.learning_rate) == pytest.approx(2e-4)
     with pytest.raises(ValueError, match="optimizer"):
-        tuning.best_model(searched["project"], manifest, "smoke", epochs_finetune=1,
-                          head_from_search=True, unfreeze_blocks=3, optimizer="adagrad")
+        tuning.best_model(
+            searched["project"],
+            manifest,
+            "smoke",
+            epochs_finetune=1,
+            head_from_search=True,
+            unfreeze_blocks=3,
+            optimizer="adagrad",
+        )
 
 
 @pytest.mark.slow
 def test_hyperband_continues_its_best_trial(manifest, tmp_path):
     # max_epochs 3, factor 3 -> the first bracket runs 3 one-epoch trials, then continues the
     # best from its saved head to 3 epochs (the 4th trial; max_trials caps the rest).
-    table = tuning.run_search(manifest, "smoke", project_dir=tmp_path / "hb", kind="hyperband",
-                              max_trials=4, epochs=3, image_size=SIZE, weights=None,
-                              cache_dir=tmp_path / "cache",
-                              hypermodel_options={"unfreeze_blocks": (0,)})
+    table = tuning.run_search(
+        manifest,
+        "smoke",
+        project_dir=tmp_path / "hb",
+        kind="hyperband",
+        max_trials=4,
+        epochs=3,
+        image_size=SIZE,
+        weights=None,
+        cache_dir=tmp_path / "cache",
+        hypermodel_options={"unfreeze_blocks": (0,)},
+    )
     assert len(table) == 4 and (table["status"] == "COMPLETED").all()
     continued = table[table["tuner/trial_id"].notna()]
     assert len(continued) == 1
@@ -371,16 +435,40 @@ def _free_port() -> int:
 def test_distributed_search_with_a_chief_and_two_workers(synthetic_dataset, tmp_path):
     project = tmp_path / "project"
     port = _free_port()
-    command = [sys.executable, "-m", "cspine_utils.tuning", "--data", str(synthetic_dataset),
-               "--profile", "smoke", "--project-dir", str(project),
-               "--cache-dir", str(tmp_path / "cache"), "--kind", "random", "--max-trials", "4",
-               "--epochs", "1", "--image-size", str(SIZE), "--weights", "none",
-               "--oracle-ip", "127.0.0.1", "--oracle-port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "cspine_utils.tuning",
+        "--data",
+        str(synthetic_dataset),
+        "--profile",
+        "smoke",
+        "--project-dir",
+        str(project),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--kind",
+        "random",
+        "--max-trials",
+        "4",
+        "--epochs",
+        "1",
+        "--image-size",
+        str(SIZE),
+        "--weights",
+        "none",
+        "--oracle-ip",
+        "127.0.0.1",
+        "--oracle-port",
+        str(port),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}
     env.update(TF_CPP_MIN_LOG_LEVEL="3", CSPINE_ARTIFACTS=str(tmp_path / "artifacts"))
-    roles = {"tuner0": ["--role", "worker", "--tuner-id", "tuner0"],
-             "tuner1": ["--role", "worker", "--tuner-id", "tuner1"],
-             "chief": ["--role", "chief"]}
+    roles = {
+        "tuner0": ["--role", "worker", "--tuner-id", "tuner0"],
+        "tuner1": ["--role", "worker", "--tuner-id", "tuner1"],
+        "chief": ["--role", "chief"],
+    }
     procs, logs = {}, {}
     deadline = time.monotonic() + 300
     try:
@@ -388,8 +476,9 @@ def test_distributed_search_with_a_chief_and_two_workers(synthetic_dataset, tmp_
         # connected when the first trials are handed out.
         for name, extra in roles.items():
             logs[name] = open(tmp_path / f"{name}.log", "w")
-            procs[name] = subprocess.Popen(command + extra, stdout=logs[name],
-                                           stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            procs[name] = subprocess.Popen(
+                command + extra, stdout=logs[name], stderr=subprocess.STDOUT, env=env, cwd=REPO
+            )
         for name in ("tuner0", "tuner1", "chief"):
             procs[name].wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -401,9 +490,10 @@ def test_distributed_search_with_a_chief_and_two_workers(synthetic_dataset, tmp_
                 proc.wait()
         for handle in logs.values():
             handle.close()
-    report = "\n".join(f"--- {name} (rc {proc.returncode}) ---\n"
-                       + (tmp_path / f"{name}.log").read_text()[-3000:]
-                       for name, proc in procs.items())
+    report = "\n".join(
+        f"--- {name} (rc {proc.returncode}) ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:]
+        for name, proc in procs.items()
+    )
     assert all(proc.returncode == 0 for proc in procs.values()), report
 
     table = pd.read_csv(project / "results.csv", dtype={"trial_id": str})
