@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import numpy as np
 
-    from cspine_utils import models, tuning
+    from cspine_utils import hardware, models, tuning, vggnet
 
     figures: dict = {
         "backend": keras.backend.backend(),
-        "device": models.describe_device(),
+        "device": hardware.describe_device(),
         "profile": prof.name,
         "image_size": size,
         "n_slices": n,
@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(figures["device"], flush=True)
 
-    policy = models.enable_mixed_precision()  # mixed_float16 on a GPU
+    policy = hardware.enable_mixed_precision()  # mixed_float16 on a GPU
     figures["mixed_precision"] = policy != "float32"
     figures["dtype_policy"] = policy
     if not args.throughput_only:
         _search(args, prof, size, manifest, work, figures, tuning)
-    _throughput(args, size, figures, models, np)
+    _throughput(args, size, figures, models, vggnet, np)
     print(json.dumps(figures))
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))
@@ -117,9 +117,9 @@ def _search(args, prof, size, manifest, work, figures, tuning) -> None:
     )
 
 
-def _throughput(args, size, figures, models, np) -> None:
+def _throughput(args, size, figures, models, vggnet, np) -> None:
     """Images/s of the frozen base (forward) and of fine-tuning block 5 (forward + backward)."""
-    model, _ = models.build_vgg16_classifier(size, weights=args.weights)
+    model, _ = vggnet.build_vgg16_classifier(size, weights=args.weights)
     rng = np.random.default_rng(0)
     x = rng.random((args.finetune_images, size, size, 1), dtype=np.float32)
     y = (rng.random(args.finetune_images) < 0.3).astype(np.float32)
@@ -127,7 +127,7 @@ def _throughput(args, size, figures, models, np) -> None:
     t0 = time.perf_counter()
     model.predict(x, batch_size=64, verbose=0)
     figures["forward_img_per_s"] = round(len(x) / (time.perf_counter() - t0), 1)
-    models.set_vgg_trainable(model, 1)
+    vggnet.set_vgg_trainable(model, 1)
     models.compile_binary_classifier(model, 1e-5, "adam")
     model.fit(x[:128], y[:128], batch_size=32, epochs=1, verbose=0)  # compile first
     t0 = time.perf_counter()

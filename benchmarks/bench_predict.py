@@ -5,7 +5,7 @@ Budgets (VGG16 bundle of the ``cpu`` profile, 96 px, on a CPU):
     prediction per image after the model is loaded                     <= 200 ms
 
 Uses ``artifacts/models/vgg16`` when it exists; otherwise builds an *untrained* VGG16 classifier
-(``models.build_vgg16_classifier(96, weights=None)``; weights do not change the speed) and saves
+(``vggnet.build_vgg16_classifier(96, weights=None)``; weights do not change the speed) and saves
 it as a bundle in a temporary folder, and says so. Each figure is the median of ``--runs``
 (default 20) runs after one warm-up.
 
@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
-    from cspine_utils import gui, models, predict  # noqa: PLC0415
+    from cspine_utils import gui, hardware, modelbundle, predict, vggnet  # noqa: PLC0415
 
     t_import = time.perf_counter() - t0
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {models.describe_device()}")
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {hardware.describe_device()}")
     print(f"import TensorFlow + Keras: {t_import:.2f} s (once per process, not part of the budget)")
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_predict_")
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             f"bundle: no trained VGG16 bundle at {bundle_dir}; building an UNTRAINED VGG16 "
             f"classifier ({SIZE} px, weights=None) - same architecture, so the same speed"
         )
-        model, info = models.build_vgg16_classifier(SIZE, weights=None)
-        bundle_dir = models.save_bundle(
+        model, info = vggnet.build_vgg16_classifier(SIZE, weights=None)
+        bundle_dir = modelbundle.save_bundle(
             model,
             Path(tmp.name) / "models" / "vgg16",
             image_size=SIZE,
@@ -98,17 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     import subprocess  # noqa: PLC0415
 
     code = (
-        "import time, keras; from cspine_utils import models; t = time.perf_counter(); "
-        f"models.load_bundle({str(bundle_dir)!r}); print(time.perf_counter() - t)"
+        "import time, keras; from cspine_utils import hardware, modelbundle, models, vggnet; t = time.perf_counter(); "
+        f"modelbundle.load_bundle({str(bundle_dir)!r}); print(time.perf_counter() - t)"
     )
     cold = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     cold_load = float(cold.stdout.strip().splitlines()[-1]) if cold.returncode == 0 else float("nan")
 
     t0 = time.perf_counter()
-    bundle = models.load_bundle(bundle_dir)
+    bundle = modelbundle.load_bundle(bundle_dir)
     first_load = time.perf_counter() - t0
-    load_med, _ = timed(lambda: models.load_bundle(bundle_dir), args.load_runs)
-    bundle = models.load_bundle(bundle_dir)
+    load_med, _ = timed(lambda: modelbundle.load_bundle(bundle_dir), args.load_runs)
+    bundle = modelbundle.load_bundle(bundle_dir)
     t0 = time.perf_counter()
     predict.probabilities(bundle, np.zeros((1, bundle.image_size, bundle.image_size, 1), np.float32), 1)
     first_predict = time.perf_counter() - t0

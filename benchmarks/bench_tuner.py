@@ -11,7 +11,7 @@ optimizer, learning rate, augmentation strength, batch size; base frozen, i.e.
 ``data.choose_split``), ``--epochs`` epochs each, in one process (trial 1 cached, trial 1
 naive, trial 2 cached, ..., so that changes in the load of a shared machine hit both sides):
 
-* **naive**: the full classifier of ``models.build_vgg16_classifier`` with its base frozen, fed
+* **naive**: the full classifier of ``vggnet.build_vgg16_classifier`` with its base frozen, fed
   images already decoded in memory (shuffled, batched and augmented at the trial's strength with
   ``pipeline.augmentation_layers``), so VGG16 runs again over every training and validation
   image in every epoch;
@@ -47,7 +47,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 
-from cspine_utils import cli, data, models, tuning  # noqa: E402
+from cspine_utils import cli, data, hardware, models, pretrained, tuning, vggnet  # noqa: E402
 
 TARGET_RATIO = 10.0
 
@@ -95,15 +95,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def naive_trial(values: dict, arrays, image_size: int, info: models.WeightsInfo, epochs: int, seed: int) -> float:
+def naive_trial(values: dict, arrays, image_size: int, info: pretrained.WeightsInfo, epochs: int, seed: int) -> float:
     """Full classifier, base frozen, trained on images; returns the best validation AUC."""
     import keras  # noqa: PLC0415
 
     x_train, y_train, x_val, y_val = arrays
-    model, _ = models.build_vgg16_classifier(
+    model, _ = vggnet.build_vgg16_classifier(
         image_size, weights=info, head_units=values["head_units"], dropout=values["dropout"]
     )
-    models.set_vgg_trainable(model, 0)
+    vggnet.set_vgg_trainable(model, 0)
     tuning.compile_for_search(model, values["lr_head"], values["optimizer"])
     train = tuning._image_dataset(
         x_train, y_train, values["batch_size"], training=True, augment_strength=values["augment_strength"], seed=seed
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the "auto" fallback is printed below
-        info = models.resolve_vgg16_weights(weights)
+        info = pretrained.resolve_vgg16_weights(weights)
     config_seed = args.seed
     trials = [TRIALS[i % len(TRIALS)] for i in range(args.trials)]
     strengths = sorted({t["augment_strength"] for t in trials})
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{n_train} training + {n_val} validation slices ({root.name}), {size}x{size}, "
         f"{len(trials)} frozen-base trial(s) x {args.epochs} epoch(s), {os.cpu_count()} CPU cores, "
-        f"{models.describe_device().split(';')[0]}, TensorFlow {tf.__version__}"
+        f"{hardware.describe_device().split(';')[0]}, TensorFlow {tf.__version__}"
     )
     print(f"weights: {info.description}")
     print(

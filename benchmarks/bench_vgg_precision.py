@@ -7,7 +7,7 @@ Measures, at the ``cpu`` profile's 96 px with random weights (weights do not cha
   evaluation predict;
 
 once per policy, each in a fresh process (Keras' global policy and TensorFlow's kernels are
-per process). The mixed policy is :func:`cspine_utils.models.mixed_precision_policy`:
+per process). The mixed policy is :func:`cspine_utils.hardware.mixed_precision_policy`:
 ``mixed_bfloat16`` on a CPU with AVX512-BF16/AMX, ``mixed_float16`` on a GPU. On a machine
 where it is ``float32`` there is nothing to compare, and the script says so. Prints the
 speed-ups.
@@ -36,12 +36,12 @@ def measure(policy: str, batches: int, batch_size: int) -> dict:
     import keras
     import numpy as np
 
-    from cspine_utils import models
+    from cspine_utils import models, vggnet
 
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    model, _ = models.build_vgg16_classifier(SIZE, weights=None)
-    models.set_vgg_trainable(model, UNFROZEN_BLOCKS)
+    model, _ = vggnet.build_vgg16_classifier(SIZE, weights=None)
+    vggnet.set_vgg_trainable(model, UNFROZEN_BLOCKS)
     models.compile_binary_classifier(model, 1e-4, "adam")
     rng = np.random.default_rng(0)
     n = batches * batch_size
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.child, args.batches, args.batch_size)))
         return 0
 
-    from cspine_utils import models
+    from cspine_utils import hardware
 
-    mixed = models.mixed_precision_policy()
-    print(f"device: {models.describe_device()}")
+    mixed = hardware.mixed_precision_policy()
+    print(f"device: {hardware.describe_device()}")
     print(f"mixed policy on this machine: {mixed}")
     if mixed == "float32":
         print("no native 16-bit arithmetic here (or CSPINE_MIXED_PRECISION=off): nothing to compare")

@@ -132,10 +132,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if bundle_dir is None:
         print(f"cspine predict: error: {predict.no_model_message()}", file=sys.stderr)
         return 2
-    from . import models  # noqa: PLC0415
+    from . import modelbundle  # noqa: PLC0415
 
     try:
-        bundle = models.load_bundle(bundle_dir)
+        bundle = modelbundle.load_bundle(bundle_dir)
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"cspine predict: error: cannot use the model bundle {bundle_dir}: {exc}", file=sys.stderr)
         return 2

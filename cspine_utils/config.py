@@ -189,7 +189,7 @@ def set_seed(seed: int) -> None:
 
 #: TensorFlow's native start-up notices that say nothing a reader needs: absl's note that it logs
 #: to stderr before it is initialised, the oneDNN notice, and "no CUDA driver" on a machine
-#: without a GPU (``models.describe_device`` says that in words).
+#: without a GPU (``hardware.describe_device`` says that in words).
 BENIGN_NATIVE_NOTICES = (
     "All log messages before absl::InitializeLog() is called are written to STDERR",
     "oneDNN custom operations are on",

@@ -10,7 +10,7 @@ evaluation, in one module:
   unchanged to the test set.
 * **Metrics at a threshold** (:func:`threshold_metrics`): accuracy, sensitivity, specificity,
   PPV, NPV, F1 and balanced accuracy, with the 2 x 2 counts. A case is called "fracture" when
-  ``probability >= threshold`` (as :meth:`cspine_utils.models.Bundle.classify` does).
+  ``probability >= threshold`` (as :meth:`cspine_utils.modelbundle.Bundle.classify` does).
 * **Threshold-free metrics**: ROC AUC (:func:`roc_auc`), PR AUC as average precision
   (:func:`pr_auc`), the Brier score (:func:`brier_score`) and the expected calibration error
   (:func:`expected_calibration_error`).

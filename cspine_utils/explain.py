@@ -9,7 +9,7 @@ Overview
     ``heat = ReLU(sum_k w_k A_k)``, upsampled to the input size and scaled to [0, 1].
 :func:`gradcam_layer_name`
     Which layer to use: ``"block4_conv3"`` for the course's VGG16 classifier
-    (:func:`cspine_utils.models.build_vgg16_classifier`, whose head also reads block 4),
+    (:func:`cspine_utils.vggnet.build_vgg16_classifier`, whose head also reads block 4),
     ``"block5_conv3"`` for a plain VGG16 (flat or nested), ``"last_conv_relu"`` for
     :func:`cspine_utils.models.build_cnn`, else the last layer with a 4-D (image-like) output.
 :func:`overlay`, :func:`plot_gradcam_gallery`
@@ -90,7 +90,7 @@ def gradcam_layer_name(model: keras.Model) -> str:
     """The name of the layer whose feature maps Grad-CAM should use.
 
     In order: ``"block4_conv3"`` when the head also reads block 4 (a ``"block4_gap"`` layer, as
-    in :func:`cspine_utils.models.build_vgg16_classifier`; see :data:`VGG_SKIP_LAYER`),
+    in :func:`cspine_utils.vggnet.build_vgg16_classifier`; see :data:`VGG_SKIP_LAYER`),
     ``"block5_conv3"`` (a plain VGG16's last convolution; also found inside a nested VGG16
     model), ``"last_conv_relu"`` then ``"last_conv"`` (:func:`cspine_utils.models.build_cnn`),
     else the last top-level layer with a 4-D output ``(B, h, w, C)`` and ``h, w > 1``.
@@ -350,7 +350,7 @@ def _check_chain(forward, model, xb, class_index: int) -> None:
         raise ValueError(
             f"model {model.name!r} is not a simple chain of layers, so Grad-CAM cannot "
             "reach inside its nested model; build the model flat (as "
-            "models.build_vgg16_classifier does)"
+            "vggnet.build_vgg16_classifier does)"
         ) from exc
     head = _sigmoid_head(model)
     y = model(xb, training=False)

@@ -42,7 +42,7 @@ from . import config, predict
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import ipywidgets
 
-    from .models import Bundle
+    from .modelbundle import Bundle
 
 __all__ = ["ACCEPT", "DEFAULT_MAX_UPLOAD_BYTES", "App", "build_app", "png_bytes"]
 
@@ -116,7 +116,7 @@ class App:
         The controls.
     note, model_info, status, results_box, table, save_status
         What is shown (HTML widgets and a box of result cards).
-    bundle : cspine_utils.models.Bundle or None
+    bundle : cspine_utils.modelbundle.Bundle or None
         The model in use; None when there is none (``status`` says what to run).
     results : list of cspine_utils.predict.PredictionResult
         The results on screen, oldest first.
@@ -243,7 +243,7 @@ class App:
 
     def select_model(self, name: str | None) -> None:
         """Load the bundle ``name`` (cached), set the threshold to its own, re-predict."""
-        from . import models  # noqa: PLC0415
+        from . import modelbundle  # noqa: PLC0415
 
         self.bundle, self.bundle_error = None, None
         if not name:
@@ -255,11 +255,11 @@ class App:
         else:
             folder = self._bundle_dirs[name]
             try:
-                stamp = (folder / models.BUNDLE_FILE).stat().st_mtime_ns
+                stamp = (folder / modelbundle.BUNDLE_FILE).stat().st_mtime_ns
                 key = (str(folder), stamp)
                 if key not in self._cache:
                     self._set_status(f"Loading model {_e(name)} &hellip;")
-                    bundle = models.load_bundle(folder)
+                    bundle = modelbundle.load_bundle(folder)
                     predict.probabilities(
                         bundle,
                         np.zeros(  # warm-up: the first call traces

@@ -5,7 +5,7 @@ and notebooks:
 
     paths (files, folders, globs) -> :func:`expand_paths` -> for each file
     :func:`cspine_utils.pipeline.load_and_preprocess` (the bundle's ``image_size`` and
-    ``crop_roi``, exactly as in training) -> :meth:`cspine_utils.models.Bundle.predict_proba`
+    ``crop_roi``, exactly as in training) -> :meth:`cspine_utils.modelbundle.Bundle.predict_proba`
     -> :class:`PredictionResult` (file, probability, label, error)
 
 A file that cannot be used (unsupported type, empty or corrupt, a DICOM without pixels, an image
@@ -15,7 +15,7 @@ them to a temporary file that is deleted straight afterwards.
 
 Example
 -------
->>> bundle = models.load_bundle(find_bundles()["cnn"])               # doctest: +SKIP
+>>> bundle = modelbundle.load_bundle(find_bundles()["cnn"])               # doctest: +SKIP
 >>> for r in predict_paths(["data/synthetic/cpu/val"], bundle):      # doctest: +SKIP
 ...     print(r.file, r.probability, r.label, r.error)
 
@@ -38,7 +38,7 @@ import numpy as np
 from . import config
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .models import Bundle
+    from .modelbundle import Bundle
 
 __all__ = [
     "NOT_FOR_DIAGNOSIS",
@@ -155,7 +155,7 @@ def find_bundles(models_dir: str | os.PathLike | None = None) -> dict[str, Path]
         ``{name: folder}``, preferred first (:data:`BUNDLE_PREFERENCE`: vgg16, then cnn), then
         the others alphabetically. Empty if there are none.
     """
-    from .models import BUNDLE_FILE  # noqa: PLC0415 - cheap, models imports Keras lazily
+    from .modelbundle import BUNDLE_FILE  # noqa: PLC0415 - cheap, models imports Keras lazily
 
     root = _models_dir(models_dir)
     if not root.is_dir():
@@ -465,8 +465,8 @@ def predict_paths(
     ----------
     paths : iterable of str or PathLike
         Files, folders and glob patterns (see :func:`expand_paths`).
-    bundle : cspine_utils.models.Bundle
-        From :func:`cspine_utils.models.load_bundle`.
+    bundle : cspine_utils.modelbundle.Bundle
+        From :func:`cspine_utils.modelbundle.load_bundle`.
     threshold : float, optional
         Decision threshold in [0, 1]; default the bundle's (chosen on validation data).
     gradcam_dir : str or PathLike, optional

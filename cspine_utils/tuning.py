@@ -2,7 +2,7 @@
 
 Overview
 --------
-A *trial* trains the VGG16 classifier of :func:`cspine_utils.models.build_vgg16_classifier`
+A *trial* trains the VGG16 classifier of :func:`cspine_utils.vggnet.build_vgg16_classifier`
 with one set of hyperparameters and reports its validation ROC AUC (``val_auc``, maximised).
 :class:`VGGHyperModel` defines the search space:
 
@@ -41,7 +41,7 @@ other data - and may return its stale results). Every search writes ``results.cs
 (:func:`results_table`: trial id, status, score, seconds, hyperparameters). A trial that raises
 is recorded as ``FAILED`` and the search goes on, until ``max_consecutive_failed_trials``
 failures in a row stop it. :func:`best_model` retrains the best hyperparameters as a full
-classifier with :func:`cspine_utils.models.train_two_phase`.
+classifier with :func:`cspine_utils.vggnet.train_two_phase`.
 
 Devices and scale-out
 ---------------------
@@ -101,7 +101,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import config, models, pipeline
+from . import config, hardware, modelbundle, models, pipeline, pretrained, vggnet
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
@@ -155,8 +155,8 @@ HYPERPARAMETERS = (
     "batch_size",
 )
 FEATURE_LAYER = "avg_pool"
-FEATURE_DIM = models.VGG16_FEATURE_DIM  # pooled block 4 + block 5
-HEAD_LAYERS = ("head_norm", "head_dense", models.OUTPUT_LAYER)
+FEATURE_DIM = vggnet.VGG16_FEATURE_DIM  # pooled block 4 + block 5
+HEAD_LAYERS = ("head_norm", "head_dense", modelbundle.OUTPUT_LAYER)
 SETTINGS_FILE = "search_settings.json"
 RESULTS_FILE = "results.csv"
 RUN_FILE = "run.json"  # per trial: seconds and the tuner that ran it
@@ -203,11 +203,11 @@ def _write_json(path: Path, record: dict) -> None:
 # Data
 # --------------------------------------------------------------------------------------------
 def _manifest_key(manifest: pd.DataFrame) -> str:
-    """:func:`models.manifest_fingerprint` with paths relative to their common folder, so that
+    """:func:`modelbundle.manifest_fingerprint` with paths relative to their common folder, so that
     moving the dataset (or mounting it elsewhere on a worker) keeps the fingerprint."""
     paths = [os.path.abspath(str(p)) for p in manifest["path"]]
     root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    return models.manifest_fingerprint(manifest, root=root)
+    return modelbundle.manifest_fingerprint(manifest, root=root)
 
 
 def _array_key(*arrays: np.ndarray) -> str:
@@ -353,9 +353,9 @@ def _image_dataset(
 # The frozen base and its cached output
 # --------------------------------------------------------------------------------------------
 def _build_classifier(
-    image_size: int, info: models.WeightsInfo, seed: int, *, head_units: int = 128, dropout: float = 0.4
+    image_size: int, info: pretrained.WeightsInfo, seed: int, *, head_units: int = 128, dropout: float = 0.4
 ) -> keras.Model:
-    """:func:`models.build_vgg16_classifier` whose base is the same in every call.
+    """:func:`vggnet.build_vgg16_classifier` whose base is the same in every call.
 
     Pretrained weights are the same anyway; random initialisation is made repeatable by seeding
     Keras first, so the feature cache, the fine-tuned trials and :func:`best_model` share one base.
@@ -364,22 +364,22 @@ def _build_classifier(
 
     if not info.pretrained:
         keras.utils.set_random_seed(int(seed))
-    model, _ = models.build_vgg16_classifier(image_size, weights=info, head_units=head_units, dropout=dropout)
+    model, _ = vggnet.build_vgg16_classifier(image_size, weights=info, head_units=head_units, dropout=dropout)
     return model
 
 
 def vgg16_feature_extractor(
     image_size: int,
-    weights: str | os.PathLike | models.WeightsInfo | None = "auto",
+    weights: str | os.PathLike | pretrained.WeightsInfo | None = "auto",
     seed: int = 0,
-) -> tuple[keras.Model, models.WeightsInfo]:
+) -> tuple[keras.Model, pretrained.WeightsInfo]:
     """The frozen VGG16 base of the classifier, pooled: image -> ``avg_pool`` features.
 
     Parameters
     ----------
     image_size : int
         Side ``S`` of the input, pixels (>= 32).
-    weights : see :func:`models.resolve_vgg16_weights`
+    weights : see :func:`pretrained.resolve_vgg16_weights`
     seed : int, default 0
         Seeds random initialisation (``weights=None``) so every call gives the same base.
 
@@ -391,13 +391,13 @@ def vgg16_feature_extractor(
     """
     import keras  # noqa: PLC0415
 
-    info = models.resolve_vgg16_weights(weights)
+    info = pretrained.resolve_vgg16_weights(weights)
     full = _build_classifier(image_size, info, seed)
     extractor = keras.Model(full.inputs, full.get_layer(FEATURE_LAYER).output, name="vgg16_features")
     return extractor, info
 
 
-def _weights_key(info: models.WeightsInfo, seed: int) -> str:
+def _weights_key(info: pretrained.WeightsInfo, seed: int) -> str:
     if not info.pretrained:
         return f"random:seed={int(seed)}"
     stamp = ""
@@ -424,7 +424,7 @@ class FeatureCache:
     ----------
     image_size : int
         Side ``S`` of the images, pixels (>= 32).
-    weights : see :func:`models.resolve_vgg16_weights`, default "auto"
+    weights : see :func:`pretrained.resolve_vgg16_weights`, default "auto"
     copies : int, default :data:`DEFAULT_COPIES`
         Augmented copies per strength.
     seed : int, default 0
@@ -443,15 +443,15 @@ class FeatureCache:
     def __init__(
         self,
         image_size: int,
-        weights: str | os.PathLike | models.WeightsInfo | None = "auto",
+        weights: str | os.PathLike | pretrained.WeightsInfo | None = "auto",
         *,
         copies: int = DEFAULT_COPIES,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
         batch_size: int = 32,
     ):
-        self.image_size = _positive_int("image_size", image_size, minimum=models.VGG16_MIN_SIZE)
-        self.weights_info = models.resolve_vgg16_weights(weights)
+        self.image_size = _positive_int("image_size", image_size, minimum=pretrained.VGG16_MIN_SIZE)
+        self.weights_info = pretrained.resolve_vgg16_weights(weights)
         self.copies = _positive_int("copies", copies)
         self.seed = _positive_int("seed", seed, minimum=0)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -587,7 +587,7 @@ def build_head(head_units: int = 128, dropout: float = 0.4, *, name: str = "vgg1
     ``features (1024,)`` -> ``head_norm`` BatchNormalization -> ``head_dense`` Dense(head_units,
     relu) -> ``head_dropout`` ->
     ``fracture_probability`` Dense(1, sigmoid, float32): the same names and shapes as the head
-    of :func:`models.build_vgg16_classifier`, so :func:`transplant_head` can copy it there.
+    of :func:`vggnet.build_vgg16_classifier`, so :func:`transplant_head` can copy it there.
 
     Returns
     -------
@@ -602,7 +602,7 @@ def build_head(head_units: int = 128, dropout: float = 0.4, *, name: str = "vgg1
     x = keras.layers.BatchNormalization(momentum=0.9, name="head_norm")(inputs)
     x = keras.layers.Dense(units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(rate, name="head_dropout")(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=models.OUTPUT_LAYER)(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=modelbundle.OUTPUT_LAYER)(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -642,7 +642,7 @@ def compile_for_search(model: keras.Model, learning_rate: float, optimizer: str 
     import keras  # noqa: PLC0415
 
     model.compile(
-        optimizer=models.make_optimizer(optimizer, learning_rate),
+        optimizer=vggnet.make_optimizer(optimizer, learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.AUC(name="auc")],
     )
@@ -697,7 +697,7 @@ class _VGGHyperModelMethods:
     ----------
     image_size : int
         Side ``S`` of the images, pixels (>= 32).
-    weights : see :func:`models.resolve_vgg16_weights`, default "auto"
+    weights : see :func:`pretrained.resolve_vgg16_weights`, default "auto"
         Resolved once, so every trial uses the same base.
     feature_cache : FeatureCache, optional
         Default: a memory-only cache with ``copies`` and ``seed``.
@@ -723,7 +723,7 @@ class _VGGHyperModelMethods:
     def __init__(
         self,
         image_size: int,
-        weights: str | os.PathLike | models.WeightsInfo | None = "auto",
+        weights: str | os.PathLike | pretrained.WeightsInfo | None = "auto",
         *,
         feature_cache: FeatureCache | None = None,
         seed: int = 0,
@@ -743,7 +743,7 @@ class _VGGHyperModelMethods:
         name: str = "vgg16_transfer",
     ):
         super().__init__(name=name, tunable=True)
-        self.image_size = _positive_int("image_size", image_size, minimum=models.VGG16_MIN_SIZE)
+        self.image_size = _positive_int("image_size", image_size, minimum=pretrained.VGG16_MIN_SIZE)
         self.seed = _positive_int("seed", seed, minimum=0)
         if feature_cache is None:
             feature_cache = FeatureCache(self.image_size, weights, copies=copies, seed=self.seed)
@@ -753,7 +753,7 @@ class _VGGHyperModelMethods:
             )
         elif (
             not (isinstance(weights, str) and weights == "auto")
-            and models.resolve_vgg16_weights(weights) != feature_cache.weights_info
+            and pretrained.resolve_vgg16_weights(weights) != feature_cache.weights_info
         ):
             raise ValueError(
                 f"weights {weights!r} differ from the feature cache's ({feature_cache.weights_info.description})"
@@ -764,7 +764,7 @@ class _VGGHyperModelMethods:
         self.dropout = self._range("dropout", dropout, 0.0, 0.95)
         self.optimizers = [str(o).strip().lower() for o in optimizers]
         for o in self.optimizers:
-            models.make_optimizer(o)  # raises ValueError for an unknown name
+            vggnet.make_optimizer(o)  # raises ValueError for an unknown name
         self.lr_head = self._range("lr_head", lr_head, 1e-8, 1.0)
         self.lr_finetune = self._range("lr_finetune", lr_finetune, 1e-9, 1.0)
         self.unfreeze_blocks = [int(b) for b in unfreeze_blocks]
@@ -907,7 +907,7 @@ class _VGGHyperModelMethods:
             full = self.build_full_model(values)
             try:
                 transplant_head(model, full)
-                models.set_vgg_trainable(full, values["unfreeze_blocks"])
+                vggnet.set_vgg_trainable(full, values["unfreeze_blocks"])
                 with self._scope():
                     compile_for_search(full, values["lr_finetune"], values["optimizer"])
                 train_ds = _image_dataset(
@@ -1238,7 +1238,7 @@ def run_search(
     epochs: int | None = None,
     image_size: int | None = None,
     seed: int = 0,
-    weights: str | os.PathLike | models.WeightsInfo | None = "auto",
+    weights: str | os.PathLike | pretrained.WeightsInfo | None = "auto",
     crop_roi: bool = False,
     copies: int = DEFAULT_COPIES,
     cache_dir: str | os.PathLike | None | bool = True,
@@ -1273,7 +1273,7 @@ def run_search(
         Default ``profile.image_size``.
     seed : int, default 0
         Seeds Python, NumPy and Keras (:func:`config.set_seed`) and the tuner.
-    weights : see :func:`models.resolve_vgg16_weights`, default "auto"
+    weights : see :func:`pretrained.resolve_vgg16_weights`, default "auto"
     crop_roi : bool, default False
     copies : int, default :data:`DEFAULT_COPIES`
         Augmented copies cached per strength.
@@ -1283,7 +1283,7 @@ def run_search(
         "auto": :func:`default_distribution_strategy`.
     mixed_precision : "auto" or bool, default "auto"
         "auto" (or True): 16-bit compute during the search where it is native
-        (:func:`models.enable_mixed_precision`: float16 on a GPU, bfloat16 on a CPU with
+        (:func:`hardware.enable_mixed_precision`: float16 on a GPU, bfloat16 on a CPU with
         AVX512-BF16/AMX, float32 elsewhere); False: keep Keras's current policy. The previous
         global policy is restored when the search ends.
     max_consecutive_failed_trials : int, default 3
@@ -1315,7 +1315,7 @@ def run_search(
     key = _check_kind(kind)
     prof = _profile(profile)
     size = _positive_int(
-        "image_size", image_size if image_size is not None else prof.image_size, minimum=models.VGG16_MIN_SIZE
+        "image_size", image_size if image_size is not None else prof.image_size, minimum=pretrained.VGG16_MIN_SIZE
     )
     trials = _positive_int("max_trials", max_trials if max_trials is not None else prof.tuner_trials)
     n_epochs = _positive_int("epochs", epochs if epochs is not None else prof.tuner_epochs)
@@ -1359,7 +1359,7 @@ def run_search(
     policy = keras.mixed_precision.global_policy()
     try:
         if mixed_precision and role != "chief":
-            models.enable_mixed_precision()
+            hardware.enable_mixed_precision()
         strategy = default_distribution_strategy() if distribution_strategy == "auto" else distribution_strategy
         hypermodel.distribution_strategy = strategy
         tuner = make_tuner(
@@ -1383,7 +1383,7 @@ def run_search(
 def _versions() -> dict:
     out = {}
     for name in ("tensorflow", "keras", "keras-tuner", "numpy"):
-        out[name] = models._package_version(name)
+        out[name] = modelbundle._package_version(name)
     return out
 
 
@@ -1530,7 +1530,7 @@ def best_model(
     what fine-tunes three blocks of VGG16 well).
 
     The image size, weights (and the seed of a random base) come from the project's
-    ``search_settings.json``. Training is :func:`models.train_two_phase` on
+    ``search_settings.json``. Training is :func:`vggnet.train_two_phase` on
     :func:`pipeline.make_dataset` batches of the manifest's train/val rows, with the trial's
     batch size, augmentation strength, optimizer, learning rates and unfrozen blocks (phase 2
     is skipped when ``unfreeze_blocks == 0``), and balanced class weights.
@@ -1555,14 +1555,14 @@ def best_model(
     values : dict
         The hyperparameters used, plus ``trial_id`` and ``score`` (the trial's ``val_auc``).
     history : dict
-        From :func:`models.train_two_phase`.
+        From :func:`vggnet.train_two_phase`.
     """
     project = Path(getattr(tuner_or_project, "project_dir", tuner_or_project))
     values, settings = best_hyperparameters(project)
     prof = _profile(profile)
     train, val = _train_val(manifest)
     size = int(settings["image_size"])
-    info = models.WeightsInfo(**settings["weights"])
+    info = pretrained.WeightsInfo(**settings["weights"])
     model = _build_classifier(
         size, info, int(settings.get("seed", 0)), head_units=int(values["head_units"]), dropout=float(values["dropout"])
     )
@@ -1579,7 +1579,7 @@ def best_model(
     if lr_finetune is not None:
         values["lr_finetune"] = float(lr_finetune)
     if optimizer is not None:
-        models.make_optimizer(optimizer)  # a clear error for an unknown name, before any work
+        vggnet.make_optimizer(optimizer)  # a clear error for an unknown name, before any work
         values["optimizer"] = str(optimizer).strip().lower()
     n_head = epochs_head if epochs_head is not None else prof.epochs_head
     n_tune = epochs_finetune if epochs_finetune is not None else prof.epochs_finetune
@@ -1599,7 +1599,7 @@ def best_model(
     if settings.get("space", {}).get("class_weight", True):
         labels = pipeline.label_to_int(train["label"].tolist())
         class_weight = models.class_weights_from_labels(labels)
-    history = models.train_two_phase(
+    history = vggnet.train_two_phase(
         model,
         train_ds,
         val_ds,
@@ -1682,7 +1682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest, message = data.choose_split(found.manifest, policy=args.split_policy, seed=args.seed)
     role = os.environ.get("KERASTUNER_TUNER_ID", "single") if args.role != "single" else "single"
     print(f"[{role}] {message}", flush=True)
-    print(f"[{role}] {models.describe_device()}", flush=True)
+    print(f"[{role}] {hardware.describe_device()}", flush=True)
     table = run_search(
         manifest,
         args.profile,

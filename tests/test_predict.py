@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cspine_utils import cli, config, gui, models, phantom, predict
+from cspine_utils import cli, config, gui, modelbundle, models, phantom, predict
 
 SIZE = 32
 
@@ -28,7 +28,7 @@ def make_tiny_bundle(models_dir: Path, name: str = "cnn", threshold: float = 0.5
     model = models.build_cnn(SIZE, filters=(8, 16), name=name)
     model.compile(optimizer="adam", loss="binary_crossentropy")
     model.fit(x, y, epochs=1, batch_size=10, verbose=0)
-    return models.save_bundle(
+    return modelbundle.save_bundle(
         model,
         models_dir / name,
         image_size=SIZE,
@@ -56,7 +56,7 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(artifacts):
-    return models.load_bundle(artifacts / "models" / "cnn")
+    return modelbundle.load_bundle(artifacts / "models" / "cnn")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cspine_utils import data, models, tuning
+from cspine_utils import data, pretrained, tuning
 
 SIZE = 32
 REPO = Path(__file__).resolve().parent.parent
@@ -382,7 +382,7 @@ def test_best_model_fine_tunes_with_the_recipe_it_is_given(searched, manifest):
     )
     assert (values["unfreeze_blocks"], values["lr_finetune"], values["optimizer"]) == (3, 2e-4, "adam")
     assert history["phase"] == [2]
-    assert history["trainable"][2] == [n for b in (3, 4, 5) for n in models.VGG16_BLOCKS[b]]
+    assert history["trainable"][2] == [n for b in (3, 4, 5) for n in pretrained.VGG16_BLOCKS[b]]
     assert type(model.optimizer).__name__ == "Adam"
     assert float(model.optimizer.learning_rate) == pytest.approx(2e-4)
     with pytest.raises(ValueError, match="optimizer"):
