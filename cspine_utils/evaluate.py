@@ -52,7 +52,9 @@ __all__ = [
     "THRESHOLD_FREE_METRICS",
     "BootstrapCI",
     "check_labels_and_probabilities",
-    "confusion_counts",
+    "THRESHOLD_METHODS",
+    "choose_threshold",
+    "validation_metrics",
     "threshold_metrics",
     "roc_auc",
     "pr_auc",
@@ -177,19 +179,6 @@ def _ratio(num: float, den: float) -> float:
 # --------------------------------------------------------------------------------------------
 # Metrics at a threshold
 # --------------------------------------------------------------------------------------------
-def confusion_counts(y_true: Iterable, y_prob: Iterable, threshold: float) -> dict[str, int]:
-    """The 2 x 2 counts at ``threshold`` (``probability >= threshold`` means fracture).
-
-    Returns
-    -------
-    dict
-        ``tp``, ``fp``, ``tn``, ``fn`` (int).
-    """
-    y, p = check_labels_and_probabilities(y_true, y_prob)
-    t = _check_threshold(threshold)
-    return _counts(y, p >= t)
-
-
 def _counts(y: np.ndarray, predicted: np.ndarray) -> dict[str, int]:
     pos = y == 1
     return {
@@ -461,58 +450,105 @@ def threshold_free_metrics(y_true: Iterable, y_prob: Iterable, n_bins: int = 10)
 # --------------------------------------------------------------------------------------------
 # Operating points (validation only)
 # --------------------------------------------------------------------------------------------
-def choose_operating_points(y_val: Iterable, p_val: Iterable, target_sensitivity: float = 0.95) -> dict[str, float]:
-    """Decision thresholds chosen on the **validation** set, to apply unchanged to the test set.
+THRESHOLD_METHODS: tuple[str, ...] = ("youden", "f1", "sensitivity")
 
-    Candidates are the distinct validation probabilities (the points of the ROC curve); a case
-    is called "fracture" when ``p >= threshold``.
 
-    ``"youden"``
-        Maximises Youden's J = sensitivity + specificity - 1. Ties go to the lower threshold
-        (higher sensitivity: a missed fracture costs more than a false alarm), as in
-        :func:`cspine_utils.models.choose_threshold`.
-    ``"sens95"``
-        The **largest** threshold whose validation sensitivity is at least
-        ``target_sensitivity`` (0.95): the most specific rule that still finds 95 % of the
-        validation fractures. Its test sensitivity may fall below 0.95; that is what the test
-        set is for. (The key is ``f"sens{round(100 * target_sensitivity)}"``.)
+def choose_threshold(
+    y_true: Iterable, y_prob: Iterable, method: str = "youden", target_sensitivity: float = 0.95
+) -> float:
+    """A decision threshold chosen on validation data: the project's one threshold chooser.
+
+    Candidates are the distinct probabilities (the points of the ROC curve); a case is called
+    "fracture" when ``probability >= threshold``.
+
+    ``"youden"``: maximises Youden's J = sensitivity + specificity - 1.
+    ``"f1"``: maximises F1 = 2 TP / (2 TP + FP + FN).
+    ``"sensitivity"``: the **largest** threshold whose sensitivity is at least
+    ``target_sensitivity`` (the most specific rule that still finds that share of fractures).
+
+    Ties go to the **lower** threshold (higher sensitivity: a missed fracture costs more than a
+    false alarm).
 
     Parameters
     ----------
-    y_val : array-like, shape (N,)
-        Validation labels, 0/1; both classes needed.
-    p_val : array-like, shape (N,)
-        Validation probabilities in [0, 1].
+    y_true : array-like, shape (N,)
+        0/1 labels, 1 = fracture; both classes needed.
+    y_prob : array-like, shape (N,)
+        Fracture probabilities in [0, 1].
+    method : {"youden", "f1", "sensitivity"}, default "youden"
     target_sensitivity : float, default 0.95
-        In (0, 1].
+        In (0, 1]; used by ``"sensitivity"`` only.
 
     Returns
     -------
-    dict
-        ``{"youden": t1, "sens95": t2}``, probabilities.
+    float
+        The threshold, a probability.
 
     Raises
     ------
     ValueError
-        On invalid inputs or when a class is missing.
+        On invalid labels or probabilities, a missing class or an unknown method.
     """
-    y, p = check_labels_and_probabilities(y_val, p_val, name="p_val")
+    y, p = check_labels_and_probabilities(y_true, y_prob)
+    method = str(method).strip().lower()
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(THRESHOLD_METHODS)}")
     if not 0.0 < float(target_sensitivity) <= 1.0:
         raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity!r}")
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"both classes are needed on validation; got {n_pos} fracture and {n_neg} normal cases")
+        raise ValueError(f"both classes are needed; got {n_pos} fracture and {n_neg} normal cases")
     candidates = np.unique(p)  # ascending
-    # cases with p >= candidates[i]: counts by a search in the sorted scores (O(N log N))
-    p_pos, p_neg = np.sort(p[y == 1]), np.sort(p[y == 0])
-    tp = n_pos - np.searchsorted(p_pos, candidates, side="left")
-    fp = n_neg - np.searchsorted(p_neg, candidates, side="left")
-    sens, spec = tp / n_pos, 1.0 - fp / n_neg
-    j = sens + spec - 1.0
-    youden = float(candidates[int(np.flatnonzero(j >= j.max() - 1e-12)[0])])
-    ok = np.flatnonzero(sens >= float(target_sensitivity) - 1e-12)
-    sens_t = float(candidates[int(ok[-1])])  # ok is never empty: the lowest candidate gives sens 1
-    return {"youden": youden, f"sens{int(round(100 * float(target_sensitivity)))}": sens_t}
+    # cases with p >= candidates[i], by a search in the sorted scores (O(N log N))
+    tp = n_pos - np.searchsorted(np.sort(p[y == 1]), candidates, side="left")
+    fp = n_neg - np.searchsorted(np.sort(p[y == 0]), candidates, side="left")
+    if method == "sensitivity":
+        ok = np.flatnonzero(tp / n_pos >= float(target_sensitivity) - 1e-12)
+        return float(candidates[int(ok[-1])])  # never empty: the lowest candidate gives sensitivity 1
+    score = tp / n_pos - fp / n_neg if method == "youden" else 2 * tp / (n_pos + tp + fp)
+    return float(candidates[int(np.flatnonzero(score >= score.max() - 1e-12)[0])])
+
+
+def choose_operating_points(y_val: Iterable, p_val: Iterable, target_sensitivity: float = 0.95) -> dict[str, float]:
+    """The report's two operating points, chosen on the **validation** set by :func:`choose_threshold`.
+
+    Returns
+    -------
+    dict
+        ``{"youden": t1, "sens95": t2}`` (the second key is ``f"sens{round(100 * target)}"``):
+        Youden's J and the largest threshold with validation sensitivity >= ``target_sensitivity``.
+        Applied unchanged to the test set, where the sensitivity may fall below the target.
+    """
+    key = f"sens{int(round(100 * float(target_sensitivity)))}"
+    return {
+        "youden": choose_threshold(y_val, p_val, "youden"),
+        key: choose_threshold(y_val, p_val, "sensitivity", target_sensitivity),
+    }
+
+
+def validation_metrics(y_true: Iterable, y_prob: Iterable, threshold: float) -> dict[str, float | int]:
+    """The one validation summary notebooks 03, 04 and 05 print and bundles store.
+
+    Parameters
+    ----------
+    y_true : array-like, shape (N,)
+        0/1 labels, 1 = fracture.
+    y_prob : array-like, shape (N,)
+        Fracture probabilities in [0, 1].
+    threshold : float
+        Decision threshold (``probability >= threshold`` is "fracture").
+
+    Returns
+    -------
+    dict
+        ``auc`` (ROC AUC), ``sensitivity``, ``specificity``, ``ppv``, ``npv``, ``accuracy``
+        (float, NaN where undefined) and ``tp``, ``fp``, ``tn``, ``fn``, ``n`` (int).
+    """
+    m = threshold_metrics(y_true, y_prob, threshold)
+    out: dict[str, float | int] = {"auc": roc_auc(y_true, y_prob)}
+    out.update({k: m[k] for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")})
+    out.update({k: m[k] for k in ("tp", "fp", "tn", "fn", "n")})
+    return out
 
 
 # --------------------------------------------------------------------------------------------

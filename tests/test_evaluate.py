@@ -136,6 +136,56 @@ def test_sens95_is_largest_threshold_with_enough_sensitivity():
     assert t <= points["youden"]
 
 
+def test_choose_threshold_by_hand():
+    y = [0, 0, 0, 1, 1]
+    p = [0.1, 0.2, 0.6, 0.5, 0.9]
+    # J at 0.1, 0.2, 0.5, 0.6, 0.9: 0, 1/3, 2/3, 1/6, 1/2
+    assert evaluate.choose_threshold(y, p) == 0.5
+    # F1: 4/9, 2/3, 4/5, 1/2, 2/3
+    assert evaluate.choose_threshold(y, p, method="f1") == 0.5
+    # sensitivity at 0.1, 0.2, 0.5, 0.6, 0.9: 1, 1, 1, 1/2, 1/2 -> largest with >= 0.95 is 0.5; >= 0.5 is 0.9
+    assert evaluate.choose_threshold(y, p, method="sensitivity") == 0.5
+    assert evaluate.choose_threshold(y, p, method="sensitivity", target_sensitivity=0.5) == 0.9
+    # ties (J = 2/3 at 0.5 and 0.7) go to the lower threshold: the higher sensitivity
+    assert evaluate.choose_threshold([0, 0, 0, 1, 1, 1], [0.1, 0.4, 0.6, 0.5, 0.7, 0.9]) == 0.5
+    with pytest.raises(ValueError, match="both classes"):
+        evaluate.choose_threshold([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        evaluate.choose_threshold([0, 1], [0.1, 1.2])
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate.choose_threshold([0, 1], [0.1, 0.2], method="accuracy")
+    with pytest.raises(ValueError, match="target_sensitivity"):
+        evaluate.choose_threshold([0, 1], [0.1, 0.2], method="sensitivity", target_sensitivity=0)
+
+
+def test_choose_threshold_matches_brute_force():
+    y, p = random_scores(n=200, seed=5)
+    for method, score in (
+        ("youden", lambda m: m["sensitivity"] + m["specificity"] - 1),
+        ("f1", lambda m: m["f1"]),
+    ):
+        scores = [score(evaluate.threshold_metrics(y, p, t)) for t in np.unique(p)]
+        best = np.unique(p)[int(np.flatnonzero(np.isclose(scores, max(scores)))[0])]
+        assert evaluate.choose_threshold(y, p, method) == pytest.approx(best)
+
+
+def test_validation_metrics_hand_case_and_sklearn():
+    y = [1, 1, 0, 0, 1]
+    p = [0.9, 0.4, 0.6, 0.1, 0.7]
+    m = evaluate.validation_metrics(y, p, 0.5)
+    assert set(m) == {"auc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "tp", "fp", "tn", "fn", "n"}
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n"]) == (2, 1, 1, 1, 5)
+    # AUC by hand: pairs (pos, neg) with pos > neg: 0.9>0.6, 0.9>0.1, 0.4>0.1, 0.7>0.6, 0.7>0.1 -> 5 of 6
+    assert m["auc"] == pytest.approx(5 / 6)
+    assert (m["sensitivity"], m["specificity"], m["ppv"], m["npv"], m["accuracy"]) == pytest.approx(
+        (2 / 3, 1 / 2, 2 / 3, 1 / 2, 3 / 5)
+    )
+    yr, pr = random_scores(seed=2)
+    assert evaluate.validation_metrics(yr, pr, 0.5)["auc"] == pytest.approx(skm.roc_auc_score(yr, pr))
+    assert math.isnan(evaluate.validation_metrics([0, 0], [0.1, 0.7], 0.5)["auc"])
+    assert json.loads(json.dumps(m)) == m  # plain Python numbers
+
+
 def test_operating_points_need_both_classes():
     with pytest.raises(ValueError, match="both classes"):
         evaluate.choose_operating_points([1, 1], [0.2, 0.9])
