@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cspine_utils import hardware
+
 __all__ = [
     "Profile",
     "PROFILES",
@@ -42,6 +44,7 @@ __all__ = [
     "figures_dir",
     "set_seed",
     "quiet_tensorflow_start",
+    "setup",
 ]
 
 
@@ -239,3 +242,37 @@ def quiet_tensorflow_start() -> list[str]:
     if other:
         print("\n".join(other), file=sys.stderr)
     return benign
+
+
+def setup(profile: str | Profile | None = None, seed: int = 0, *, tuner: bool = False) -> Profile:
+    """The one Setup call of every notebook: quiet TensorFlow start, seed, versions, profile, device.
+
+    Runs :func:`quiet_tensorflow_start` (so it must come before ``import tensorflow``/``keras``),
+    :func:`set_seed`, then prints three lines: the TensorFlow and Keras versions and backend (and
+    KerasTuner's when ``tuner`` is true), the profile (name, image size, batch, epochs) and the
+    device (:func:`cspine_utils.hardware.describe_device`).
+
+    Returns
+    -------
+    Profile
+        The profile named (or the one in ``CSPINE_PROFILE`` when ``profile`` is None).
+    """
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    quiet_tensorflow_start()
+    set_seed(seed)
+    import keras  # noqa: PLC0415 - after the quiet start
+    import tensorflow as tf  # noqa: PLC0415
+
+    versions = f"TensorFlow {tf.__version__}, Keras {keras.__version__} ({keras.backend.backend()} backend)"
+    if tuner:
+        import keras_tuner  # noqa: PLC0415
+
+        versions += f", KerasTuner {keras_tuner.__version__}"
+    print(versions)
+    print(
+        f"profile {prof.name}: {prof.image_size} px, batch {prof.batch_size}, epochs: CNN {prof.epochs_cnn}, "
+        f"VGG16 {prof.epochs_head} head + {prof.epochs_finetune} fine-tuning, tuner {prof.tuner_trials} trials "
+        f"x {prof.tuner_epochs}; seed {seed}"
+    )
+    print("device:", hardware.describe_device())
+    return prof

@@ -78,6 +78,7 @@ __all__ = [
     "save_manifest",
     "load_manifest",
     "artifacts_manifest_path",
+    "load_course_manifest",
 ]
 
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -1238,3 +1239,20 @@ def load_manifest(path: str | os.PathLike) -> pd.DataFrame:
 def artifacts_manifest_path() -> Path:
     """Where the chosen manifest is kept between notebooks: ``<artifacts>/data/manifest.csv``."""
     return config.artifacts_dir() / "data" / "manifest.csv"
+
+
+def load_course_manifest() -> pd.DataFrame:
+    """The split manifest notebook 02 wrote to :func:`artifacts_manifest_path` (columns path, label, group, split).
+
+    Raises
+    ------
+    FileNotFoundError
+        If notebook 02 has not been run (the message says so and names the path).
+    """
+    path = artifacts_manifest_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run notebooks/02_preprocessing_augmentation.ipynb first "
+            "(it splits the data by group and writes this manifest)"
+        )
+    return load_manifest(path)

@@ -103,3 +103,37 @@ def test_quiet_tensorflow_start_passes_other_native_lines_through(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Could not load dynamic library libcudnn.so.9" in out.stderr
     assert "oneDNN" not in out.stderr
+
+
+def test_setup_starts_quietly_seeds_and_prints_versions_profile_and_device():
+    """The notebooks' one Setup call, in a fresh interpreter as a notebook kernel starts."""
+    code = (
+        "import random, sys\n"
+        "from cspine_utils import config\n"
+        "profile = config.setup('smoke', 7, tuner=True)\n"
+        "assert profile is config.PROFILES['smoke']\n"
+        "first = random.random()\n"
+        "config.set_seed(7)\n"
+        "assert random.random() == first\n"
+    )
+    out = _run_python(code)
+    assert out.returncode == 0, out.stderr
+    import keras
+    import keras_tuner
+    import tensorflow as tf
+
+    lines = out.stdout.splitlines()
+    assert lines[0] == (
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__} ({keras.backend.backend()} backend), "
+        f"KerasTuner {keras_tuner.__version__}"
+    )
+    assert lines[1].startswith("profile smoke: 64 px, batch 16, epochs: CNN 2,") and lines[1].endswith("seed 7")
+    assert lines[2].startswith("device: CPU only") or lines[2].startswith("device: GPU")
+    assert len(lines) == 3
+    for notice in config.BENIGN_NATIVE_NOTICES:
+        assert notice not in out.stderr
+    plain = _run_python("from cspine_utils import config\nconfig.setup()\n", CSPINE_PROFILE="cpu")
+    assert plain.returncode == 0, plain.stderr
+    assert "KerasTuner" not in plain.stdout and "profile cpu: 96 px" in plain.stdout
+    bad = _run_python("from cspine_utils import config\nconfig.setup('tiny')\n")
+    assert bad.returncode != 0 and "unknown profile 'tiny'" in bad.stderr

@@ -218,6 +218,19 @@ def test_saved_manifest_round_trips_and_can_be_rediscovered(kaggle_dataset, tmp_
         data.load_manifest(tmp_path / "nope.csv")
 
 
+def test_course_manifest_is_notebook_02s_product_or_says_run_02(kaggle_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("CSPINE_ARTIFACTS", str(tmp_path / "art"))
+    expected = str(tmp_path / "art" / "data" / "manifest.csv")
+    with pytest.raises(FileNotFoundError) as excinfo:
+        data.load_course_manifest()
+    assert expected in str(excinfo.value)
+    assert "run notebooks/02_preprocessing_augmentation.ipynb first" in str(excinfo.value)
+    m = data.discover(kaggle_dataset).manifest
+    data.save_manifest(m, data.artifacts_manifest_path())
+    back = data.load_course_manifest()
+    assert back["path"].tolist() == m["path"].tolist() and back["split"].tolist() == m["split"].tolist()
+
+
 # ------------------------------------------------------------------------ groups and splits
 @pytest.mark.parametrize(
     "name, stem",
