@@ -10,6 +10,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from cspine_utils import cli, config, report
+from cspine_utils.records import write_json
 
 
 def _notebook(path, *codes):
@@ -99,3 +100,57 @@ def test_committed_report_lists_exactly_the_course_notebooks():
         assert (config.repo_root() / "report" / nb["html"]).is_file()
     for fig in run["figures"]:
         assert (config.repo_root() / "report" / fig).is_file()
+
+
+def test_rendered_report_shows_results_and_no_absolute_path(mini_course, tmp_path):
+    """The report's Markdown and HTML carry the metrics, bundles and audit, and no machine path."""
+    nbdir, rep, flag = mini_course
+    flag.write_text("ok")
+    art = tmp_path / "artifacts"
+    row = {"model": "cnn", "n": "120", "ROC AUC [95% CI]": "0.877 [0.766, 0.955]", "Brier": "0.1", "weights": "none"}
+    write_json(art / "metrics" / "combined.json", {"table": [row], "paired_test": "p ≤ 0.002"})
+    write_json(art / "models" / "cnn" / "bundle.json", {"threshold": 0.72444, "image_size": 64, "weights": None})
+    write_json(art / "data" / "audit.json", {"n_files": 120, "shortcut_auc": 0.61, "warnings": ["a <b>warning</b>"]})
+    data = tmp_path / "my data"
+    data.mkdir()
+    lines = []
+    report.run_course("smoke", data, notebooks_dir=nbdir, report_dir=rep, log=lines.append)
+    markdown = (rep / "README.md").read_text()
+    page = (rep / "index.html").read_text()
+    facts = json.loads((rep / "run.json").read_text())
+    assert "| model | weights | n | ROC AUC [95% CI] |" in markdown and "Brier" not in markdown
+    assert "| cnn | none | 120 | 0.877 [0.766, 0.955] |" in markdown and "p ≤ 0.002" in markdown
+    assert "- **cnn**: none: trained from scratch; threshold 0.724, 64 px" in markdown
+    assert "shortcut AUC: 0.61" in markdown and "<td>0.877 [0.766, 0.955]</td>" in page
+    assert "a &lt;b&gt;warning&lt;/b&gt;" in page, "text from the records is escaped in the HTML"
+    assert '<a href="html/01_first.html">01_first</a>' in page
+    assert facts["data_source"] == "my data (outside the repository)"
+    for text in (markdown, page, json.dumps(facts), "\n".join(lines)):
+        assert str(tmp_path) not in text and str(config.repo_root()) not in text
+
+
+def test_refresh_checked_outputs_keeps_what_nbval_checks(tmp_path):
+    """Checked cells keep their text output *and* execution count (nbval skips cells stored without one)."""
+    src = tmp_path / "01_a.ipynb"
+    _notebook(src, "# NBVAL_CHECK_OUTPUT\nprint(1)\n2", "print('not checked')")
+    run = nbformat.read(src, 4)
+    run.cells.insert(2, new_code_cell("PROFILE = 'cpu'", metadata={"tags": ["injected-parameters"]}))
+    run.cells[3].execution_count = 3
+    run.cells[3].outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="1\n"),
+        nbformat.v4.new_output("execute_result", {"text/plain": "2", "text/html": "<b>2</b>"}, execution_count=3),
+        nbformat.v4.new_output("display_data", {"image/png": "iVBORw0KGgo="}),
+    ]
+    run.cells[4].execution_count = 4
+    run.cells[4].outputs = [nbformat.v4.new_output("stream", name="stdout", text="not checked\n")]
+    nbformat.write(run, tmp_path / "executed.ipynb")
+    assert report.refresh_checked_outputs(src, tmp_path / "executed.ipynb") == 1
+    checked, other = nbformat.read(src, 4).cells[2:]
+    assert checked.execution_count == 3 and checked.metadata["keep_output"] is True
+    assert [o.output_type for o in checked.outputs] == ["stream", "execute_result"]
+    assert checked.outputs[1].data == {"text/plain": "2"}
+    assert other.execution_count is None and other.outputs == [] and "keep_output" not in other.metadata
+    run.cells.pop(0)
+    nbformat.write(run, tmp_path / "executed.ipynb")
+    with pytest.raises(ValueError, match="cell for cell"):
+        report.refresh_checked_outputs(src, tmp_path / "executed.ipynb")
