@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["jsonable", "write_json", "read_json", "sha256_file", "sha256_text", "package_versions"]
+__all__ = ["jsonable", "write_json", "read_json", "sha256_file", "sha256_text", "package_versions", "shown_path"]
 
 #: The packages whose versions a record names by default.
 COURSE_PACKAGES = ("tensorflow", "keras", "keras-tuner", "numpy", "pandas", "scikit-learn", "cspine-utils")
@@ -104,3 +104,17 @@ def package_versions(names: Iterable[str] = COURSE_PACKAGES) -> dict[str, str | 
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as printed output and reports show it: relative to the repository, else ``…/parent/name``.
+
+    So that no absolute machine path (``/home/<user>/...``) reaches a rendered notebook or report.
+    """
+    from .config import repo_root  # noqa: PLC0415 - config imports more than records needs
+
+    path = Path(path).expanduser().resolve()
+    try:
+        return path.relative_to(repo_root().resolve()).as_posix()
+    except ValueError:
+        return "…/" + "/".join(part for part in path.parts[-2:] if part != path.anchor)

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import config
-from .records import COURSE_PACKAGES, package_versions, read_json, write_json
+from .records import COURSE_PACKAGES, package_versions, read_json, shown_path, write_json
 
 # Figures shown inline in the report index, in this order, when they exist.
 KEY_FIGURES = (
@@ -114,15 +114,6 @@ def _fmt(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}" if seconds >= 60 else f"{seconds:.0f}s"
 
 
-def _shown_path(path: str | os.PathLike) -> str:
-    """``path`` as the report shows it: relative to the repository, else its name only."""
-    path = Path(path).expanduser().resolve()
-    try:
-        return path.relative_to(config.repo_root().resolve()).as_posix()
-    except ValueError:
-        return f"{path.name} (outside the repository)"
-
-
 @contextmanager
 def _environ(env: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the notebooks' kernels; restore the old environment afterwards."""
@@ -195,7 +186,7 @@ def run_course(
     if render:
         data = env.get("CSPINE_DATA_DIR")
         index = render_report(report_dir=report, notebooks_dir=notebooks_dir, profile=prof.name, data_dir=data)
-        log(f"report: {_shown_path(index)}")
+        log(f"report: {shown_path(index)}")
     return runs
 
 
@@ -235,7 +226,7 @@ def _collect_facts(report: Path, notebooks: list[Path], profile: str, data_dir: 
     audit = _read_optional(art / "data" / "audit.json")
     audit_keys = ("n_files", "n_rejected", "n_groups", "leaking_groups", "shortcut_auc", "warnings")
     versions = package_versions((*COURSE_PACKAGES, "papermill"))
-    data = _shown_path(data_dir) if data_dir else f"synthetic phantom (default dataset of the {profile} profile)"
+    data = shown_path(data_dir) if data_dir else f"synthetic phantom (default dataset of the {profile} profile)"
     return {
         "rendered": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notebooks_commit": _git_commit(notebooks[0].parent) if notebooks else "unknown",

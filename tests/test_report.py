@@ -10,7 +10,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from cspine_utils import cli, config, report
-from cspine_utils.records import write_json
+from cspine_utils.records import shown_path, write_json
 
 
 def _notebook(path, *codes):
@@ -124,7 +124,8 @@ def test_rendered_report_shows_results_and_no_absolute_path(mini_course, tmp_pat
     assert "shortcut AUC: 0.61" in markdown and "<td>0.877 [0.766, 0.955]</td>" in page
     assert "a &lt;b&gt;warning&lt;/b&gt;" in page, "text from the records is escaped in the HTML"
     assert '<a href="html/01_first.html">01_first</a>' in page
-    assert facts["data_source"] == "my data (outside the repository)"
+    assert facts["data_source"] == f"…/{tmp_path.name}/my data"
+    assert shown_path(config.repo_root() / "data" / "x") == "data/x" and shown_path("/") == "…/"
     for text in (markdown, page, json.dumps(facts), "\n".join(lines)):
         assert str(tmp_path) not in text and str(config.repo_root()) not in text
 
