@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import html
 import io
+import re
 from pathlib import Path
 
 import nbformat
@@ -32,6 +34,24 @@ def upload_entry(name: str, content: bytes, mime: str = "image/png") -> dict:
 
 def upload(app: gui.App, *files: tuple[str, bytes]) -> None:
     app.upload.value = tuple(upload_entry(n, c) for n, c in files)
+
+
+def shown_text(app: gui.App) -> str:
+    """All text the app shows now: the HTML and Label widgets that are not hidden, tags stripped."""
+    parts: list[str] = []
+
+    def walk(widget) -> None:
+        value = getattr(widget, "value", None)
+        if widget.__class__.__name__ in ("HTML", "Label") and isinstance(value, str):
+            text = re.sub(r"<br\s*/?>|</(?:div|p|tr|li|table)>", "\n", value)
+            parts.append(html.unescape(re.sub(r"<[^>]+>", "", re.sub(r"</t[dh]>", " ", text))))
+        if getattr(getattr(widget, "layout", None), "display", None) == "none":
+            return
+        for child in getattr(widget, "children", ()):
+            walk(child)
+
+    walk(app.widget)
+    return re.sub(r"[ \t]+", " ", "\n".join(p.strip() for p in parts if p.strip()))
 
 
 def card_images(card) -> list:
@@ -78,7 +98,7 @@ def test_controls_and_the_not_for_diagnosis_note(app):
     assert app.model_dropdown.value == "cnn" and app.bundle is not None
     assert app.threshold.value == pytest.approx(0.37)
     assert app.gradcam.value is True
-    assert "Teaching tool, not for diagnosis" in app.rendered_text()
+    assert "Teaching tool, not for diagnosis" in shown_text(app)
 
 
 def test_png_upload_shows_model_input_probability_and_decision(app, pngs, models_dir):
@@ -86,7 +106,7 @@ def test_png_upload_shows_model_input_probability_and_decision(app, pngs, models
     assert app.upload.value == (), "uploads are cleared after processing"
     [result] = app.results
     assert result.ok and 0.0 <= result.probability <= 1.0
-    text = app.rendered_text()
+    text = shown_text(app)
     assert f"Fracture probability: {result.probability:.3f}" in text
     assert f"Decision at threshold 0.370: {result.label}" in text
     images = card_images(app.results_box.children[0])
@@ -104,7 +124,7 @@ def test_dicom_upload_is_shown_in_the_bone_window(app, tmp_path):
     assert result.ok, result.error
     expected = pipeline.load_and_preprocess(path, 32)[..., 0]  # read_image applies the bone window
     np.testing.assert_array_equal(result.image, expected)
-    assert f"Fracture probability: {result.probability:.3f}" in app.rendered_text()
+    assert f"Fracture probability: {result.probability:.3f}" in shown_text(app)
 
 
 def test_bad_files_get_plain_messages_and_the_app_keeps_working(app, pngs, tmp_path):
@@ -121,7 +141,7 @@ def test_bad_files_get_plain_messages_and_the_app_keeps_working(app, pngs, tmp_p
     assert errors["notes.png"].startswith("corrupt or unreadable file: it is a text file")
     assert errors["empty.png"].startswith("empty file")
     assert errors["header.dcm"].startswith("DICOM without pixel data")
-    text = app.rendered_text()
+    text = shown_text(app)
     for name in ("notes.png", "empty.png", "header.dcm"):
         assert f"{name}: could not be used — {errors[name]}" in text
     assert "3 could not be used" in text and "Traceback" not in text and "cspine_upload_" not in text
@@ -138,14 +158,14 @@ def test_image_larger_than_the_limit_and_unsupported_type(models_dir, tmp_path):
     big, gif = small_app.results
     assert big.error.startswith("image too large: 4,096 pixels (64x64), the limit is 2,500 pixels")
     assert gif.error.startswith("unsupported file type '.gif'")
-    assert "2,500 pixels" in small_app.rendered_text()  # the limit is stated in the note
+    assert "2,500 pixels" in shown_text(small_app)  # the limit is stated in the note
 
 
 def test_threshold_changes_decisions_and_a_new_model_brings_its_own(app, pngs):
     upload(app, ("fracture.png", pngs["fracture.png"]))
     p = app.results[0].probability
     app.threshold.value = max(0.0, p - 0.01)
-    assert app.results[0].label == "fracture" and "Decision at threshold" in app.rendered_text()
+    assert app.results[0].label == "fracture" and "Decision at threshold" in shown_text(app)
     app.threshold.value = min(1.0, p + 0.01)
     assert app.results[0].label == "normal"
     app.model_dropdown.value = "other"
@@ -161,7 +181,7 @@ def test_gradcam_toggle(app, pngs):
     app.gradcam.value = True
     assert app.results[0].heatmap is not None
     assert len(card_images(app.results_box.children[0])) == 2
-    assert "Grad-CAM: where the model looked" in app.rendered_text()
+    assert "Grad-CAM: where the model looked" in shown_text(app)
 
 
 def test_table_for_several_files_saved_as_csv(app, pngs, tmp_path):
@@ -190,11 +210,11 @@ def test_no_model_yet_says_which_notebook_to_run(tmp_path, pngs):
     empty = tmp_path / "models"
     app = gui.build_app(empty)
     assert app.bundle is None and app.model_dropdown.disabled
-    text = app.rendered_text()
+    text = shown_text(app)
     assert "No trained model yet" in text and "notebooks/03_cnn_training.ipynb" in text
     upload(app, ("normal.png", pngs["normal.png"]))
     assert app.results[0].error.startswith("no trained model found") and app.upload.value == ()
-    assert "Traceback" not in app.rendered_text()
+    assert "Traceback" not in shown_text(app)
     # train (here: save) a model, press Refresh: the same app now predicts, the earlier upload too
     make_tiny_bundle(empty, "cnn")
     app.refresh_button.click()
@@ -209,7 +229,7 @@ def test_an_unexpected_failure_is_a_message_not_a_traceback(app, pngs, monkeypat
 
     monkeypatch.setattr(predict, "predict_bytes", boom)
     upload(app, ("normal.png", pngs["normal.png"]))
-    assert "simulated failure" in app.results[0].error and "Traceback" not in app.rendered_text()
+    assert "simulated failure" in app.results[0].error and "Traceback" not in shown_text(app)
     monkeypatch.undo()
     upload(app, ("normal.png", pngs["normal.png"]))
     assert app.results[-1].ok
