@@ -286,6 +286,52 @@ def test_paired_test_clearly_better_model():
     assert swapped["p_value"] == pytest.approx(res["p_value"])
 
 
+def test_p_value_at_the_resolution_limit_is_a_bound():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 200)
+    good = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.1, 200), 0, 1)
+    res = evaluate.paired_auc_test(y, good, rng.random(200), np.arange(200) // 2, n_resamples=999, seed=0)
+    # every resample favours the good model: p is at its floor 2 / (B + 1) = 0.002, printed as a bound
+    assert res["p_min"] == pytest.approx(2 / 1000) and res["p_value"] == pytest.approx(res["p_min"])
+    assert evaluate.p_value_text(res) == "p ≤ 0.002"
+    assert evaluate.p_value_text({"p_value": 2 / 1001, "p_min": 2 / 1001}) == "p ≤ 0.002"  # rounded up, never down
+    assert evaluate.p_value_text({"p_value": 2 / 301, "p_min": 2 / 301}) == "p ≤ 0.0067"
+    assert evaluate.p_value_text({"p_value": 0.0345, "p_min": 0.002}) == "p = 0.0345"
+    assert evaluate.p_value_text({"p_value": float("nan"), "p_min": float("nan")}) == "p not estimable"
+
+
+def test_exact_binomial_interval():
+    # Clopper-Pearson by hand: x = n gives [(alpha/2)^(1/n), 1]; x = 0 gives [0, 1 - (alpha/2)^(1/n)]
+    low, high = evaluate.exact_binomial_interval(35, 35)
+    assert low == pytest.approx(0.025 ** (1 / 35)) and high == 1.0
+    assert round(low, 3) == 0.9
+    low, high = evaluate.exact_binomial_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 10))
+    low, high = evaluate.exact_binomial_interval(5, 10)
+    assert (round(low, 4), round(high, 4)) == (0.1871, 0.8129)  # the textbook value
+    assert all(math.isnan(v) for v in evaluate.exact_binomial_interval(0, 0))
+    with pytest.raises(ValueError, match="successes"):
+        evaluate.exact_binomial_interval(3, 2)
+
+
+def test_a_proportion_the_bootstrap_cannot_vary_gets_an_exact_interval():
+    y, p = random_scores(n=120)
+    groups = np.arange(120) // 3
+    m = evaluate.evaluate_model(y, p, groups, {"all": 0.0, "half": 0.5}, n_resamples=100, seed=0)
+    sens = m["operating_points"]["all"]["sensitivity"]  # threshold 0 flags every case: 1.0 in every resample
+    n_pos = int(y.sum())
+    assert sens["value"] == 1.0 and sens["interval"] == evaluate.EXACT_INTERVAL
+    assert (sens["ci_low"], sens["ci_high"]) == pytest.approx(evaluate.exact_binomial_interval(n_pos, n_pos))
+    assert sens["ci_low"] < 1.0
+    spec = m["operating_points"]["all"]["specificity"]  # 0 of n_negative: exact [0, high]
+    assert spec["value"] == 0.0 and spec["ci_low"] == 0.0 and spec["ci_high"] > 0.0
+    varying = m["operating_points"]["half"]["sensitivity"]
+    assert "interval" not in varying and varying["ci_low"] < varying["value"] < varying["ci_high"]
+    table = evaluate.combined_table({"m": m})
+    assert table.loc[0, "sensitivity (all)"].endswith("exact")
+    assert not table.loc[0, "sensitivity (half)"].endswith("exact")
+
+
 # --------------------------------------------------------------------------------------------
 # metrics.json and tables
 # --------------------------------------------------------------------------------------------
@@ -416,3 +462,20 @@ def test_plots_return_figures():
         assert isinstance(fig, Figure)
         assert fig.axes
         plt.close(fig)
+
+
+def test_confusion_heatmap_shows_the_counts():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = [1, 1, 0, 0, 1]
+    p = [0.9, 0.4, 0.6, 0.1, 0.7]  # at 0.5: TP 2, FN 1, FP 1, TN 1
+    fig, axes = plt.subplots(1, 2)
+    assert evaluate.plot_confusion(y, p, 0.5, ax=axes[1]) is fig  # draws into a given grid
+    texts = [t.get_text() for t in axes[1].texts]
+    assert texts == ["1\n(50 %)", "1\n(50 %)", "1\n(33 %)", "2\n(67 %)"]  # TN, FP / FN, TP
+    assert "sensitivity 0.67, specificity 0.50" in axes[1].get_title()
+    assert not axes[0].texts
+    plt.close(fig)
