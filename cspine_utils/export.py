@@ -1,6 +1,7 @@
 """Export the notebook code cells whose first line is exactly ``#@save`` into ``cspine_utils/course.py``.
 
 d2l's way: in notebook order, imports hoisted and merged; ``--check`` exits 1 when ``course.py`` is stale.
+``ruff format`` writes the mark ``# @save``; both spellings mark a cell.
 """
 
 import argparse
@@ -14,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = Path(__file__).with_name("course.py")
-MARK = "#@save"
+MARKS = ("#@save", "# @save")
 HEADER = '''"""The course's code, GENERATED from the notebooks' ``#@save`` cells by ``python -m cspine_utils.export``.
 
 Do not edit: edit the cell in its notebook and re-run the export (tests/test_export.py fails when this is stale).
@@ -23,13 +24,13 @@ Do not edit: edit the cell in its notebook and re-run the export (tests/test_exp
 
 
 def saved_cells(notebook: Path) -> list[tuple[int, str]]:
-    """``(cell number from 1, source without the mark)`` of the code cells whose first line is ``#@save``."""
+    """``(cell number from 1, source without the mark)`` of the code cells whose first line is a mark."""
     try:
         cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{notebook}: not a readable notebook ({exc})") from exc
     split = ["".join(c.get("source", "")).partition("\n") if c.get("cell_type") == "code" else () for c in cells]
-    return [(n, src[2]) for n, src in enumerate(split, start=1) if src and src[0].rstrip() == MARK]
+    return [(n, src[2]) for n, src in enumerate(split, start=1) if src and src[0].rstrip() in MARKS]
 
 
 def _ruff(text: str, *args: str) -> str:

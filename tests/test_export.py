@@ -36,7 +36,8 @@ def test_export_takes_exactly_the_marked_code_cells(tmp_path):
             nbformat.v4.new_markdown_cell("#@save\nnot code"),
             nbformat.v4.new_code_cell("#@save\nimport math\n\n\ndef area(r):\n    return math.pi * r**2"),
             nbformat.v4.new_code_cell("def hidden():\n    return 1"),
-            nbformat.v4.new_code_cell("# @save\ndef spaced():\n    return 2"),
+            nbformat.v4.new_code_cell("# @save: not the mark\ndef spaced():\n    return 2"),
+            nbformat.v4.new_code_cell("# @save\ndef formatted():\n    return 4"),  # as ruff format writes it
             nbformat.v4.new_code_cell("x = 1\n#@save\ndef late():\n    return 3"),
         ],
     )
@@ -46,10 +47,10 @@ def test_export_takes_exactly_the_marked_code_cells(tmp_path):
     )
     text = export.render([first, second], root=tmp_path)
 
-    assert "def area(r):" in text and "TAU = 2 * math.pi" in text
+    assert "def area(r):" in text and "def formatted():" in text and "TAU = 2 * math.pi" in text
     for absent in ("not code", "hidden", "spaced", "late"):
         assert absent not in text
-    assert text.count("#@save") == export.HEADER.count("#@save")  # the marks are dropped
+    assert text.count("@save") == export.HEADER.count("@save")  # the marks are dropped
     assert text.index("# 03_first.ipynb, cell 2") < text.index("def area") < text.index("# 04_second.ipynb, cell 1")
     assert text.count("import math") == 1  # hoisted and merged
     assert text.index("import json") < text.index("import math") < text.index("# 03_first.ipynb")
