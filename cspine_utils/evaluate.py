@@ -384,13 +384,7 @@ def _bootstrap_many(
 
 
 def bootstrap_ci(
-    metric_fn: Callable[[np.ndarray, np.ndarray], float],
-    y: Iterable,
-    p: Iterable,
-    groups: Iterable | None,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
+    metric_fn: Callable, y: Iterable, p: Iterable, groups: Iterable | None, n_resamples=1000, seed=0, alpha=0.05
 ) -> BootstrapCI:
     """Point estimate and percentile ``1 - alpha`` interval of ``metric_fn(y, p)`` by grouped bootstrap.
 
@@ -434,13 +428,7 @@ def exact_binomial_interval(successes: int, n: int, alpha: float = 0.05) -> tupl
 
 # --- Paired comparison ---
 def paired_auc_test(
-    y: Iterable,
-    p_a: Iterable,
-    p_b: Iterable,
-    groups: Iterable | None,
-    n_resamples: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
+    y: Iterable, p_a: Iterable, p_b: Iterable, groups: Iterable | None, n_resamples=1000, seed=0, alpha=0.05
 ) -> dict[str, float | int]:
     """Paired grouped-bootstrap comparison of two models' ROC AUC on the same cases.
 
@@ -509,11 +497,11 @@ def evaluate_model(
     y_true: Iterable,
     y_prob: Iterable,
     groups: Iterable | None,
-    thresholds: Mapping[str, float],
-    n_resamples: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-    n_bins: int = 10,
+    thresholds: Mapping,
+    n_resamples=1000,
+    seed=0,
+    alpha=0.05,
+    n_bins=10,
 ) -> dict[str, Any]:
     """Everything ``metrics.json`` holds for one model on one (test) set.
 
@@ -608,12 +596,7 @@ def _subgroup_row(var: str, value: str, y: np.ndarray, p: np.ndarray, predicted:
 
 
 def subgroup_table(
-    df: pd.DataFrame,
-    threshold: float,
-    by: Sequence[str] | None = None,
-    y_col: str = "y",
-    p_col: str = "p",
-    alpha: float = 0.05,
+    df: pd.DataFrame, threshold: float, by: Sequence[str] | None = None, y_col="y", p_col="p", alpha=0.05
 ) -> pd.DataFrame:
     """Performance per subgroup: sensitivity, specificity and AUC where defined, with ``n``.
 

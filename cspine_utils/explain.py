@@ -1,30 +1,10 @@
-"""Grad-CAM heatmaps, overlays, and a check of where they point against true fracture masks.
+"""Grad-CAM heatmaps, overlays, and a check of where they point against the true fracture masks.
 
-Overview
---------
-:func:`gradcam`
-    Gradient-weighted class activation maps (Selvaraju et al., 2017) for the class "fracture"
-    of a Keras 3 model on the TensorFlow backend: the feature maps ``A_k`` of a convolutional
-    layer are weighted by the spatial mean of the gradient of the fracture score,
-    ``heat = ReLU(sum_k w_k A_k)``, upsampled to the input size and scaled to [0, 1].
-:func:`gradcam_layer_name`
-    Which layer to use: ``"block4_conv3"`` for the course's VGG16 classifier
-    (:func:`cspine_utils.vggnet.build_vgg16_classifier`, whose head also reads block 4),
-    ``"block5_conv3"`` for a plain VGG16 (flat or nested), ``"last_conv_relu"`` for
-    :func:`cspine_utils.models.build_cnn`, else the last layer with a 4-D (image-like) output.
-:func:`overlay`, :func:`plot_gradcam_gallery`
-    Pictures: heatmap over the slice, the true fracture mask outlined.
-:func:`pointing_game`, :func:`heat_in_mask`, :func:`localisation_scores`
-    Does the heatmap point at the fracture? On the synthetic data the fracture mask is known,
-    so this can be measured, with grouped-bootstrap CIs and the chance level beside it.
-:func:`load_mask_like_input`
-    The fracture mask transformed exactly like the image
-    (:func:`cspine_utils.pipeline.load_and_preprocess`), so mask and heatmap align pixel for
-    pixel.
-
-A heatmap that looks plausible is not evidence that the model uses the fracture: always report
-the localisation scores against their chance levels.
-
+:func:`gradcam` (Selvaraju et al., 2017) weights the feature maps ``A_k`` of a convolutional layer
+(:func:`gradcam_layer_name`) by the mean gradient of the fracture score: ``heat = ReLU(sum_k w_k A_k)``.
+On the phantom the fracture mask is known (:func:`load_mask_like_input` aligns it with the model
+input), so :func:`pointing_game`, :func:`heat_in_mask` and :func:`localisation_scores` measure whether
+the heatmap points at the fracture, against chance. A plausible-looking heatmap is not evidence.
 Keras and TensorFlow are imported inside the functions that need them.
 """
 
@@ -42,36 +22,17 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
     from matplotlib.figure import Figure
 
-__all__ = [
-    "VGG_LAYER",
-    "VGG_SKIP_LAYER",
-    "CNN_LAYERS",
-    "gradcam_layer_name",
-    "gradcam",
-    "overlay",
-    "plot_gradcam_gallery",
-    "default_pointing_tolerance",
-    "pointing_game",
-    "heat_in_mask",
-    "localisation_scores",
-    "load_mask_like_input",
-]
-
 #: Grad-CAM layer of a plain VGG16 (its last convolution, 1/16 of the input size).
 VGG_LAYER = "block5_conv3"
-#: Grad-CAM layer of the course's VGG16 classifier (1/8 of the input size). Its head pools block 4
-#: (layer ``"block4_gap"``) as well as block 5, so part of the evidence never reaches
-#: ``block5_conv3``: Grad-CAM there sees only the block-5 half. Everything the head uses flows
-#: through ``block4_conv3`` (block 5 is computed from it), so that is the deepest honest choice.
+#: Grad-CAM layer of the course's VGG16 classifier (1/8 of the input size): its head also pools block 4
+#: (``"block4_gap"``), so only ``block4_conv3`` carries all the evidence (block 5 is computed from it).
 VGG_SKIP_LAYER = "block4_conv3"
 VGG_SKIP_TAP = "block4_gap"
-#: Grad-CAM layers of :func:`cspine_utils.models.build_cnn`, in order of preference.
+#: Grad-CAM layers of the course CNN (``cspine_utils.course.build_cnn``), in order of preference.
 CNN_LAYERS: tuple[str, ...] = ("last_conv_relu", "last_conv")
 
 
-# --------------------------------------------------------------------------------------------
-# Which layer
-# --------------------------------------------------------------------------------------------
+# --- Which layer ---
 def _is_model(layer: Any) -> bool:
     import keras  # noqa: PLC0415
 
@@ -79,34 +40,17 @@ def _is_model(layer: Any) -> bool:
 
 
 def _nested_with(model: keras.Model, name: str):
-    """The nested model (direct child of ``model``) that holds a layer called ``name``, or None."""
-    for layer in model.layers:
-        if _is_model(layer) and name in {sub.name for sub in layer.layers}:
-            return layer
-    return None
+    """The nested model (direct child of ``model``) holding a layer called ``name``, or None."""
+    return next((layer for layer in model.layers if _is_model(layer) and name in {s.name for s in layer.layers}), None)
 
 
 def gradcam_layer_name(model: keras.Model) -> str:
-    """The name of the layer whose feature maps Grad-CAM should use.
+    """The layer whose feature maps Grad-CAM uses.
 
-    In order: ``"block4_conv3"`` when the head also reads block 4 (a ``"block4_gap"`` layer, as
-    in :func:`cspine_utils.vggnet.build_vgg16_classifier`; see :data:`VGG_SKIP_LAYER`),
-    ``"block5_conv3"`` (a plain VGG16's last convolution; also found inside a nested VGG16
-    model), ``"last_conv_relu"`` then ``"last_conv"`` (:func:`cspine_utils.models.build_cnn`),
-    else the last top-level layer with a 4-D output ``(B, h, w, C)`` and ``h, w > 1``.
-
-    Parameters
-    ----------
-    model : keras.Model
-
-    Returns
-    -------
-    str
-
-    Raises
-    ------
-    ValueError
-        If the model has no layer with image-like output.
+    ``"block4_conv3"`` when the head also reads block 4 (a ``"block4_gap"`` layer; see
+    :data:`VGG_SKIP_LAYER`), else ``"block5_conv3"`` (a plain VGG16, also nested), else
+    ``"last_conv_relu"``/``"last_conv"`` (the course CNN), else the last layer with a 4-D output
+    ``(B, h, w, C)``, ``h, w > 1``; ``ValueError`` if there is none.
     """
     names = {layer.name for layer in model.layers}
     if VGG_SKIP_TAP in names and VGG_SKIP_LAYER in names:
@@ -130,23 +74,14 @@ def gradcam_layer_name(model: keras.Model) -> str:
     raise ValueError(f"model {model.name!r} has no layer with a 4-D (image-like) output for Grad-CAM; pass layer_name=")
 
 
-# --------------------------------------------------------------------------------------------
-# Grad-CAM
-# --------------------------------------------------------------------------------------------
+# --- Grad-CAM ---
 def _sigmoid_head(model: keras.Model):
     """The output ``Dense(..., activation="sigmoid")`` layer, if the model ends with one."""
     import keras  # noqa: PLC0415
 
-    if len(model.outputs) != 1 or not model.layers:
-        return None
-    last = model.layers[-1]
-    if (
-        isinstance(last, keras.layers.Dense)
-        and getattr(last.activation, "__name__", "") == "sigmoid"
-        and last.output is model.outputs[0]
-    ):
-        return last
-    return None
+    last = model.layers[-1] if len(model.outputs) == 1 and model.layers else None
+    is_head = isinstance(last, keras.layers.Dense) and getattr(last.activation, "__name__", "") == "sigmoid"
+    return last if is_head and last.output is model.outputs[0] else None
 
 
 def _logit(head, h, class_index: int):
@@ -186,10 +121,8 @@ def _gradcam_forward(model: keras.Model, layer_name: str, class_index: int):
 
     nested = _nested_with(model, layer_name)
     if nested is None:
-        raise ValueError(
-            f"model {model.name!r} has no layer {layer_name!r} (nor a nested model "
-            f"holding one); layers: {[layer.name for layer in model.layers]}"
-        )
+        names = [layer.name for layer in model.layers]
+        raise ValueError(f"model {model.name!r} has no layer {layer_name!r} (nor a nested model holding one): {names}")
     # Keras 3 cannot wire a nested model's inner layer to the outer inputs, so the outer model is
     # run layer by layer (a chain), with the nested model replaced by one that also returns the
     # inner feature maps.
@@ -229,55 +162,24 @@ def _check_images(images: Any, model: keras.Model) -> np.ndarray:
 
 
 def gradcam(
-    model: keras.Model,
-    images: np.ndarray,
-    layer_name: str | None = None,
-    *,
-    batch_size: int = 32,
-    class_index: int = 0,
+    model: keras.Model, images: np.ndarray, layer_name: str | None = None, *, batch_size: int = 32, class_index: int = 0
 ) -> np.ndarray:
-    """Grad-CAM heatmaps of the fracture score, one per image, at the input resolution.
+    """Grad-CAM heatmaps of the fracture score, shape (N, S, S) float32 in [0, 1], one per image.
 
-    For each image: the score ``s`` is the model's pre-sigmoid logit when it ends with
-    ``Dense(..., activation="sigmoid")`` (both course models do; the logit's gradient does not
-    vanish for confident predictions), else its output. With ``A_k`` the feature maps of
-    ``layer_name``, ``w_k = mean_{i,j} ds/dA_k[i, j]`` and ``heat = ReLU(sum_k w_k A_k)``,
-    resized bilinearly to ``(S, S)`` and divided by its maximum. An image with no positive
-    evidence gets an all-zero heatmap.
-
-    Works with the TensorFlow backend (``tf.GradientTape``); the model is run with
-    ``training=False`` (dropout off, batch-norm statistics frozen).
-
-    Parameters
-    ----------
-    model : keras.Model
-        Input ``(B, S, S, C)``, output ``(B, 1)`` fracture probability.
-    images : numpy.ndarray, shape (N, S, S, C) or (S, S, C), float in [0, 1]
-        Preprocessed as for the model (``pipeline.load_and_preprocess``).
-    layer_name : str, optional
-        Default :func:`gradcam_layer_name`. A layer inside a nested model is reached by running
-        the outer model as a chain of layers.
-    batch_size : int, default 32
-    class_index : int, default 0
-        Output unit to explain.
-
-    Returns
-    -------
-    numpy.ndarray, shape (N, S, S), float32 in [0, 1]
-
-    Raises
-    ------
-    ValueError
-        On an image shape that does not fit the model, or an unknown layer.
-    RuntimeError
-        If Keras does not run on the TensorFlow backend.
+    The score is the pre-sigmoid logit when the model ends with ``Dense(..., activation="sigmoid")``
+    (its gradient does not vanish for confident predictions), else the output. With ``A_k`` the feature
+    maps of ``layer_name`` (default :func:`gradcam_layer_name`; a layer inside a nested model is reached
+    by running the outer model layer by layer), ``w_k = mean_ij ds/dA_k`` and ``heat = ReLU(sum_k w_k
+    A_k)``, resized bilinearly to the input and divided by its maximum (all zero: no evidence). ``images``
+    are (N, S, S, C) or (S, S, C) in [0, 1], preprocessed for the model; it runs with ``training=False``
+    on the TensorFlow backend (``RuntimeError`` otherwise; ``ValueError`` on a shape or layer that does
+    not fit).
     """
     import keras  # noqa: PLC0415
 
-    if keras.backend.backend() != "tensorflow":
+    if (backend := keras.backend.backend()) != "tensorflow":
         raise RuntimeError(
-            f"gradcam needs the TensorFlow backend (tf.GradientTape); Keras uses "
-            f"{keras.backend.backend()!r}: set KERAS_BACKEND=tensorflow"
+            f"gradcam needs the TensorFlow backend; Keras uses {backend!r}: set KERAS_BACKEND=tensorflow"
         )
     import tensorflow as tf  # noqa: PLC0415
 
@@ -304,7 +206,7 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cam_step(model: keras.Model, name: str, class_index: int, height: int, width: int):
-    """``(forward, step)``: ``step(x) -> (B, height, width)`` heatmaps, built once per model/layer."""
+    """``(forward, step)``: ``step(x) -> (B, height, width)`` heatmaps, built once per model and layer."""
     import tensorflow as tf  # noqa: PLC0415
 
     per_model = _STEPS.setdefault(model, {})
@@ -347,25 +249,14 @@ def _check_chain(forward, model, xb, class_index: int) -> None:
     try:
         _, score = forward(xb)
     except Exception as exc:  # noqa: BLE001 - any failure means: not a chain
-        raise ValueError(
-            f"model {model.name!r} is not a simple chain of layers, so Grad-CAM cannot "
-            "reach inside its nested model; build the model flat (as "
-            "vggnet.build_vgg16_classifier does)"
-        ) from exc
-    head = _sigmoid_head(model)
-    y = model(xb, training=False)
-    expected = _output_score(y, class_index)
-    got = keras.ops.sigmoid(score) if head is not None else score
+        raise ValueError(f"model {model.name!r} is not a simple chain of layers: build it flat for Grad-CAM") from exc
+    expected = _output_score(model(xb, training=False), class_index)
+    got = keras.ops.sigmoid(score) if _sigmoid_head(model) is not None else score
     if not np.allclose(np.asarray(got), np.asarray(expected), atol=1e-4):
-        raise ValueError(
-            f"running model {model.name!r} layer by layer does not reproduce its "
-            "output (it is not a simple chain); build the model flat"
-        )
+        raise ValueError(f"running model {model.name!r} layer by layer does not reproduce its output: build it flat")
 
 
-# --------------------------------------------------------------------------------------------
-# Pictures
-# --------------------------------------------------------------------------------------------
+# --- Pictures ---
 def _as_2d(arr: Any, name: str) -> np.ndarray:
     a = np.asarray(arr)
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -376,28 +267,9 @@ def _as_2d(arr: Any, name: str) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Colour a grayscale slice by its heatmap.
+    """A slice (S, S) in [0, 1] coloured by its heatmap (S, S): RGB (S, S, 3) float32 in [0, 1].
 
-    Each pixel is ``(1 - alpha * h) * grey + alpha * h * colour(h)``: the colour is blended in
-    proportion to the heat ``h``, so cold regions show the plain slice.
-
-    Parameters
-    ----------
-    image : numpy.ndarray, shape (S, S) or (S, S, 1), float in [0, 1]
-    heatmap : numpy.ndarray, shape (S, S), float in [0, 1]
-    alpha : float, default 0.5
-        Opacity of the colour at full heat, in [0, 1].
-    cmap : str, default "jet"
-        A Matplotlib colour map.
-
-    Returns
-    -------
-    numpy.ndarray, shape (S, S, 3), float32 RGB in [0, 1]
-
-    Raises
-    ------
-    ValueError
-        If the shapes differ or ``alpha`` is outside [0, 1].
+    Each pixel is ``(1 - alpha h) grey + alpha h colour(h)``: cold regions show the plain slice.
     """
     import matplotlib  # noqa: PLC0415
 
@@ -419,44 +291,22 @@ def _pyplot():
 
 
 def plot_gradcam_gallery(
-    images: np.ndarray,
-    heatmaps: np.ndarray,
-    masks: np.ndarray | Sequence[np.ndarray | None] | None = None,
-    titles: Sequence[str] | None = None,
-    *,
-    alpha: float = 0.5,
-    ncols: int = 4,
+    images: np.ndarray, heatmaps: np.ndarray, masks=None, titles: Sequence[str] | None = None, *, alpha=0.5, ncols=4
 ) -> Figure:
-    """A grid of Grad-CAM overlays; the true fracture mask outlined, the heatmap peak marked.
+    """A grid of Grad-CAM overlays (:func:`overlay`): true fracture mask outlined, heatmap peak marked.
 
-    Parameters
-    ----------
-    images : numpy.ndarray, shape (N, S, S) or (N, S, S, 1), float in [0, 1]
-    heatmaps : numpy.ndarray, shape (N, S, S), float in [0, 1]
-    masks : array of shape (N, S, S) or list of (S, S) arrays / None, optional
-        Fracture masks aligned with the images (:func:`load_mask_like_input`); drawn as a
-        white outline where given and non-empty.
-    titles : sequence of str, optional
-    alpha : float, default 0.5
-    ncols : int, default 4
-
-    Returns
-    -------
-    matplotlib.figure.Figure
+    ``images`` (N, S, S[, 1]), ``heatmaps`` (N, S, S), ``masks`` aligned fracture masks or None per image
+    (:func:`load_mask_like_input`), ``titles`` one per image.
     """
-    plt = _pyplot()
-    imgs = np.asarray(images)
-    heats = np.asarray(heatmaps)
-    n = len(imgs)
-    if n == 0 or len(heats) != n:
-        raise ValueError(f"need as many heatmaps as images (at least one), got {len(heats)} and {n}")
-    if masks is not None and len(masks) != n:
-        raise ValueError(f"masks has {len(masks)} entries but there are {n} images")
-    if titles is not None and len(titles) != n:
-        raise ValueError(f"titles has {len(titles)} entries but there are {n} images")
+    imgs, heats, n = np.asarray(images), np.asarray(heatmaps), len(images)
+    if n == 0:
+        raise ValueError("images is empty: nothing to show")
+    for what, entries in (("heatmaps", heats), ("masks", masks), ("titles", titles)):
+        if entries is not None and len(entries) != n:
+            raise ValueError(f"{what} has {len(entries)} entries but there are {n} images")
     ncols = max(1, min(int(ncols), n))
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.8 * ncols, 2.9 * nrows), squeeze=False)
+    fig, axes = _pyplot().subplots(nrows, ncols, figsize=(2.8 * ncols, 2.9 * nrows), squeeze=False)
     for k, ax in enumerate(axes.ravel()):
         ax.axis("off")
         if k >= n:
@@ -477,15 +327,9 @@ def plot_gradcam_gallery(
     return fig
 
 
-# --------------------------------------------------------------------------------------------
-# Localisation against ground truth
-# --------------------------------------------------------------------------------------------
+# --- Localisation against ground truth ---
 def default_pointing_tolerance(size: int) -> int:
-    """Pointing-game tolerance in pixels: 15 px at 224 px, scaled to ``size``.
-
-    Zhang et al. (2018, "Top-down neural attention by excitation backprop") count a hit when
-    the peak lies within 15 pixels of the object on 224-pixel images.
-    """
+    """Pointing-game tolerance in pixels: 15 px at 224 px (Zhang et al., 2018), scaled to ``size``."""
     return max(0, int(round(15.0 * int(size) / 224.0)))
 
 
@@ -519,28 +363,10 @@ def _dilate(mask: np.ndarray, dilate_px: int | None) -> np.ndarray:
 
 
 def pointing_game(heatmap: np.ndarray, mask: np.ndarray, dilate_px: int | None = None) -> bool:
-    """Is the heatmap's maximum inside the (dilated) fracture mask?
+    """Is the heatmap's maximum inside the fracture mask dilated by ``dilate_px`` pixels?
 
-    The peak is the first maximum in row-major order. A flat heatmap (all values equal, e.g.
-    all zero: no evidence anywhere) points nowhere and counts as a miss.
-
-    Parameters
-    ----------
-    heatmap : numpy.ndarray, shape (S, S), non-negative
-    mask : numpy.ndarray, shape (S, S), bool or 0/1
-        True fracture pixels, aligned with the model input; must not be empty.
-    dilate_px : int, optional
-        Tolerance: the mask is dilated by a disk of this radius (pixels). Default
-        :func:`default_pointing_tolerance` of the image size (15 px at 224 px, 4 px at 64 px).
-
-    Returns
-    -------
-    bool
-
-    Raises
-    ------
-    ValueError
-        On mismatched shapes, an empty mask, negative heat or a bad tolerance.
+    ``dilate_px`` defaults to :func:`default_pointing_tolerance` of the image size. A flat heatmap (no
+    evidence anywhere) points nowhere: a miss. ``ValueError`` on mismatched shapes or an empty mask.
     """
     heat, m = _check_pair(heatmap, mask)
     if heat.max() <= heat.min():
@@ -550,20 +376,9 @@ def pointing_game(heatmap: np.ndarray, mask: np.ndarray, dilate_px: int | None =
 
 
 def heat_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
-    """Fraction of the total heat that lies inside the fracture mask.
+    """Share of the heat inside the (non-empty) mask, ``sum(heat * mask) / sum(heat)``; NaN if all zero.
 
-    ``sum(heat * mask) / sum(heat)``; a uniform heatmap scores the mask's area fraction (the
-    chance level), a perfect one 1. ``NaN`` for an all-zero heatmap.
-
-    Parameters
-    ----------
-    heatmap : numpy.ndarray, shape (S, S), non-negative
-    mask : numpy.ndarray, shape (S, S), bool or 0/1, not empty
-
-    Returns
-    -------
-    float
-        In [0, 1], or NaN.
+    A uniform heatmap scores the mask's area share (chance), a perfect one 1.
     """
     heat, m = _check_pair(heatmap, mask)
     total = float(heat.sum())
@@ -580,34 +395,13 @@ def localisation_scores(
     alpha: float = 0.05,
     dilate_px: int | None = None,
 ) -> dict[str, Any]:
-    """Pointing-game hit rate and mean heat-in-mask, with grouped-bootstrap CIs and chance levels.
+    """Pointing-game hit rate and mean heat-in-mask with grouped-bootstrap CIs and chance levels.
 
-    Use fracture cases only (every mask non-empty). Chance levels: a random peak hits with
-    probability equal to the dilated mask's area fraction; a uniform heatmap puts the mask's
-    area fraction of its heat inside the mask. Heatmaps that are all zero have no heat-in-mask
-    value; they are left out of that mean (their count is ``n_no_heat``) but count as misses
-    in the pointing game.
-
-    Parameters
-    ----------
-    heatmaps : array of shape (N, S, S) or list of (S, S)
-    masks : array of shape (N, S, S) or list of (S, S), bool
-        From :func:`load_mask_like_input`.
-    groups : array-like, shape (N,), optional
-        Source groups (patients) for the cluster bootstrap; None: cases are independent.
-    n_resamples : int, default 1000
-    seed : int, default 0
-    alpha : float, default 0.05
-    dilate_px : int, optional
-        Pointing-game tolerance (see :func:`pointing_game`).
-
-    Returns
-    -------
-    dict
-        ``n``, ``n_no_heat``, ``dilate_px``; ``pointing_game`` and ``heat_in_mask`` as
-        ``{"value", "ci_low", "ci_high", "n_resamples", "n_skipped"}``; ``chance``
-        (``pointing_game``, ``heat_in_mask``: mean area fractions); ``per_image``
-        (``pointing_game``: list of bool, ``heat_in_mask``: list of float or None).
+    For fracture cases (non-empty masks from :func:`load_mask_like_input`). Chance: a random peak hits
+    with the dilated mask's area share; a uniform heatmap puts the mask's area share of its heat in the
+    mask. All-zero heatmaps count as pointing-game misses and are left out of heat-in-mask
+    (``n_no_heat``). Returns ``n``, ``n_no_heat``, ``dilate_px``, ``pointing_game`` and ``heat_in_mask``
+    as ``{"value", "ci_low", "ci_high", "n_resamples", "n_skipped"}``, ``chance`` and ``per_image``.
     """
     from . import evaluate  # noqa: PLC0415
 
@@ -617,48 +411,36 @@ def localisation_scores(
     g = None if groups is None else np.asarray(list(groups), dtype=object)
     if g is not None and g.size != n:
         raise ValueError(f"groups has {g.size} values but there are {n} heatmaps")
-    hits, fractions, chance_hit, chance_heat = [], [], [], []
-    tolerance = None
-    for heat, mask in zip(heatmaps, masks):
-        h, m = _check_pair(heat, mask)
-        tolerance = default_pointing_tolerance(max(m.shape)) if dilate_px is None else dilate_px
-        hits.append(pointing_game(h, m, tolerance))
-        fractions.append(heat_in_mask(h, m))
-        chance_hit.append(float(_dilate(m, tolerance).mean()))
-        chance_heat.append(float(m.mean()))
-    hits_arr = np.asarray(hits, dtype=float)
-    frac_arr = np.asarray(fractions, dtype=float)
-    has_heat = np.isfinite(frac_arr)
-    pg = evaluate.bootstrap_mean_ci(hits_arr, g, n_resamples, seed, alpha)
+    (hits, shares, chance_hit, chance_heat), tolerance = _per_image_scores(heatmaps, masks, dilate_px)
+    has_heat = np.isfinite(shares)
+    heat = evaluate.BootstrapCI(math.nan, math.nan, math.nan, int(n_resamples), int(n_resamples), alpha)
     if has_heat.any():
-        hm = evaluate.bootstrap_mean_ci(
-            frac_arr[has_heat], None if g is None else g[has_heat], n_resamples, seed, alpha
-        ).as_dict()
-    else:
-        hm = {
-            "value": math.nan,
-            "ci_low": math.nan,
-            "ci_high": math.nan,
-            "n_resamples": int(n_resamples),
-            "n_skipped": int(n_resamples),
-        }
+        heat = evaluate.bootstrap_mean_ci(
+            shares[has_heat], None if g is None else g[has_heat], n_resamples, seed, alpha
+        )
     return {
-        "n": n,
-        "n_no_heat": int((~has_heat).sum()),
-        "dilate_px": int(tolerance),
-        "pointing_game": pg.as_dict(),
-        "heat_in_mask": hm,
+        **{"n": n, "n_no_heat": int((~has_heat).sum()), "dilate_px": int(tolerance)},
+        "pointing_game": evaluate.bootstrap_mean_ci(hits, g, n_resamples, seed, alpha).as_dict(),
+        "heat_in_mask": heat.as_dict(),
         "chance": {"pointing_game": float(np.mean(chance_hit)), "heat_in_mask": float(np.mean(chance_heat))},
         "per_image": {
             "pointing_game": [bool(v) for v in hits],
-            "heat_in_mask": [None if not math.isfinite(v) else float(v) for v in fractions],
+            "heat_in_mask": [float(v) if math.isfinite(v) else None for v in shares],
         },
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Masks aligned with the model input
-# --------------------------------------------------------------------------------------------
+def _per_image_scores(heatmaps, masks, dilate_px: int | None) -> tuple[np.ndarray, int]:
+    """Rows hit, heat-in-mask, chance hit, chance heat (shape (4, N)) and the tolerance in pixels."""
+    rows, tolerance = [], dilate_px
+    for heat, mask in zip(heatmaps, masks):
+        h, m = _check_pair(heat, mask)
+        tolerance = default_pointing_tolerance(max(m.shape)) if dilate_px is None else dilate_px
+        rows.append((pointing_game(h, m, tolerance), heat_in_mask(h, m), _dilate(m, tolerance).mean(), m.mean()))
+    return np.array(rows, dtype=float).T, tolerance
+
+
+# --- Masks aligned with the model input ---
 def load_mask_like_input(
     mask_path: str | os.PathLike,
     image_path: str | os.PathLike,
@@ -666,43 +448,14 @@ def load_mask_like_input(
     crop_roi: bool = False,
     min_coverage: float = 0.5,
 ) -> np.ndarray:
-    """A fracture mask transformed exactly like its image by ``pipeline.load_and_preprocess``.
+    """A fracture mask (S, S) bool transformed exactly like its image by ``pipeline.load_and_preprocess``.
 
-    1. Read the mask (white = fracture) and the image at their original resolution; they must
-       have the same shape.
-    2. With ``crop_roi``: the crop box is computed **on the image**
-       (:func:`cspine_utils.pipeline.roi_bbox`, the box :func:`cspine_utils.pipeline.crop_to_roi`
-       uses) and applied to the mask.
-    3. :func:`cspine_utils.pipeline.resize_with_pad` on the mask as a 0/1 float image: the same
-       scale, offset and zero padding as the image. The result is the fraction of each output
-       pixel covered by fracture; pixels with ``coverage >= min_coverage`` are the mask. A thin
-       fracture line can cover less than ``min_coverage`` of every output pixel when the image
-       is shrunk a lot; then the pixels it touches at all (``coverage > 0``) are returned, so a
-       fracture never vanishes.
-
-    Parameters
-    ----------
-    mask_path : str or PathLike
-        The mask PNG (the manifest's ``mask_path``), same size as the image.
-    image_path : str or PathLike
-        The slice (the manifest's ``path``); needed for the crop box.
-    image_size : int
-        Side ``S`` of the model input, pixels.
-    crop_roi : bool, default False
-        As used for the model (``bundle.preprocessing["crop_roi"]``).
-    min_coverage : float, default 0.5
-        In (0, 1].
-
-    Returns
-    -------
-    numpy.ndarray, shape (S, S), bool
-
-    Raises
-    ------
-    FileNotFoundError
-        If a file is missing.
-    ValueError
-        If mask and image sizes differ, or an argument is invalid.
+    The mask and the image are read at full size (they must match); with ``crop_roi`` the crop box is
+    computed on the image (:func:`cspine_utils.pipeline.roi_bbox`) and applied to the mask; then
+    :func:`cspine_utils.pipeline.resize_with_pad` gives each output pixel's fracture coverage, and pixels
+    with ``coverage >= min_coverage`` are the mask. A thin line that covers less than that everywhere
+    keeps the pixels it touches, so a fracture never vanishes. ``FileNotFoundError`` for a missing file,
+    ``ValueError`` for mismatched sizes or a bad argument.
     """
     from . import data, pipeline  # noqa: PLC0415
 
@@ -716,10 +469,8 @@ def load_mask_like_input(
     image = data.read_image(image_path)
     mask = data.read_image(mask_path) >= 0.5
     if mask.shape != image.shape:
-        raise ValueError(
-            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} px but image "
-            f"{image_path} is {image.shape[1]}x{image.shape[0]} px"
-        )
+        sizes = f"{mask.shape[1]}x{mask.shape[0]} px but image {image_path} is {image.shape[1]}x{image.shape[0]} px"
+        raise ValueError(f"mask {mask_path} is {sizes}")
     if crop_roi:
         top, left, bottom, right = pipeline.roi_bbox(image)
         mask = mask[top:bottom, left:right]

@@ -9,18 +9,6 @@ import numpy as np
 
 from . import config
 
-__all__ = [
-    "save_figure",
-    "pyplot",
-    "phantom_montage",
-    "labelled_slice",
-    "sample_grid",
-    "class_mean_images",
-    "intensity_histograms",
-    "learning_curves",
-    "model_diagram",
-]
-
 
 def save_figure(fig, name: str, folder: str | Path | None = None, dpi: int = 110) -> Path:
     """Save a Matplotlib figure as PNG under ``report/figures/`` (or ``folder``) and return the path."""
@@ -70,20 +58,10 @@ def phantom_montage(difficulties=(0.0, 0.5, 1.0), seed: int = 7, crop_mm: float 
             label = "normal" if ftype == "none" else ftype
             ax.set_title(f"{level} · {label} · {res.image.shape[0]} px" + ("" if c == 0 else " (zoom)"), fontsize=9)
             ax.axis("off")
-        axes[r, 0].text(
-            -0.08,
-            0.5,
-            title,
-            transform=axes[r, 0].transAxes,
-            rotation=90,
-            va="center",
-            ha="right",
-            fontsize=11,
-            weight="bold",
-        )
-    fig.suptitle(
-        "Synthetic cervical-spine CT (bone window); red: fracture mask. Teaching data, not patients.", fontsize=12
-    )
+        label_style = {"rotation": 90, "va": "center", "ha": "right", "fontsize": 11, "weight": "bold"}
+        axes[r, 0].text(-0.08, 0.5, title, transform=axes[r, 0].transAxes, **label_style)
+    title = "Synthetic cervical-spine CT (bone window); red: fracture mask. Teaching data, not patients."
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return fig
 
@@ -151,21 +129,13 @@ def labelled_slice(level: str = "C5", seed: int = 3):
         side = -1 if k % 2 == 0 else 1
         tx = n * (0.5 + side * 0.47)
         ty = n * (0.08 + 0.11 * k)
-        ax.annotate(
-            f"{text}\n{hu:+.0f} HU",
-            xy=(x, y),
-            xytext=(tx, ty),
-            color="yellow",
-            fontsize=8,
-            ha="left" if side < 0 else "right",
-            arrowprops={"arrowstyle": "->", "color": "yellow", "lw": 0.8},
-        )
-    fig.suptitle(
-        "What an axial cervical CT slice shows (synthetic phantom; anterior at the top, "
-        "patient's left on the image right)",
-        fontsize=11,
-        y=1.01,
+        arrow = {"arrowstyle": "->", "color": "yellow", "lw": 0.8}
+        style = {"color": "yellow", "fontsize": 8, "ha": "left" if side < 0 else "right", "arrowprops": arrow}
+        ax.annotate(f"{text}\n{hu:+.0f} HU", xy=(x, y), xytext=(tx, ty), **style)
+    title = (
+        "What an axial cervical CT slice shows (synthetic phantom; anterior at the top, patient's left on the right)"
     )
+    fig.suptitle(title, fontsize=11, y=1.01)
     fig.tight_layout()
     return fig
 
@@ -229,20 +199,26 @@ def class_mean_images(manifest, size: int = 128, max_per_class: int = 300, seed:
     return fig, means
 
 
-def intensity_histograms(manifest, max_per_class: int = 200, seed: int = 0):
-    """Pixel-intensity histograms per class (inside the body: pixels > 0.02), normalised."""
+def intensity_histograms(manifest, max_per_class: int = 200, seed: int = 0, pixels_per_class: int = 200_000):
+    """Pixel-value distributions per class inside the body (pixels > 0.02): ``seaborn.histplot`` with
+    ``hue="class"``, each class normalised on its own, log density; ``pixels_per_class`` drawn at random."""
+    import pandas as pd  # noqa: PLC0415
+    import seaborn as sns  # noqa: PLC0415
+
     from . import data  # noqa: PLC0415
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    rng = np.random.default_rng(seed)
+    parts = []
     for cls, rows in sorted(manifest.groupby("label")):
         rows = rows.sample(min(max_per_class, len(rows)), random_state=seed)
         values = np.concatenate([data.read_image(p)[::2, ::2].ravel() for p in rows["path"]])
-        ax.hist(values[values > 0.02], bins=100, range=(0, 1), density=True, histtype="step", lw=1.5, label=cls)
-    ax.set_xlabel("pixel value (bone window, 0 = −500 HU … 1 = +1500 HU for the phantom)")
-    ax.set_ylabel("density")
-    ax.set_yscale("log")
-    ax.legend()
+        values = values[values > 0.02]
+        values = rng.choice(values, min(pixels_per_class, values.size), replace=False) if values.size else values
+        parts.append(pd.DataFrame({"pixel value": values, "class": cls}))
+    fig, ax = pyplot().subplots(figsize=(7, 3.5))
+    style = {"stat": "density", "common_norm": False, "element": "step", "fill": False, "bins": 100, "binrange": (0, 1)}
+    sns.histplot(pd.concat(parts), x="pixel value", hue="class", ax=ax, **style)
+    ax.set(xlabel="pixel value (bone window, 0 = −500 HU … 1 = +1500 HU for the phantom)", yscale="log")
     fig.tight_layout()
     return fig
 
@@ -281,17 +257,11 @@ def model_diagram(model, max_layers: int = 40):
     plt = pyplot()
     layers = [layer for layer in model.layers][:max_layers]
     fig, ax = plt.subplots(figsize=(6.5, 0.42 * len(layers) + 0.6))
-    colours = {
-        "Conv2D": "#8ecae6",
-        "BatchNormalization": "#ffb703",
-        "Activation": "#fb8500",
-        "ReLU": "#fb8500",
-        "MaxPooling2D": "#90be6d",
-        "GlobalAveragePooling2D": "#90be6d",
-        "Dropout": "#cdb4db",
-        "Dense": "#f28482",
-        "InputLayer": "#dddddd",
-    }
+    colours = dict(
+        pair.split(":")
+        for pair in "Conv2D:#8ecae6 BatchNormalization:#ffb703 Activation:#fb8500 ReLU:#fb8500 MaxPooling2D:#90be6d "
+        "GlobalAveragePooling2D:#90be6d Dropout:#cdb4db Dense:#f28482 InputLayer:#dddddd".split()
+    )
     for i, layer in enumerate(layers):
         kind = type(layer).__name__
         try:

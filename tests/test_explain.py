@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
 
-keras = pytest.importorskip("keras")
-
-from cspine_utils import data, explain, models, phantom, pipeline, vggnet  # noqa: E402
+from cspine_utils import course, data, explain, phantom, pipeline, vggnet
 
 SIZE = 32
 SQUARE = 6
@@ -26,7 +25,7 @@ def _images(n: int = 3, seed: int = 0) -> np.ndarray:
 
 def test_gradcam_shape_and_range_cnn():
     keras.utils.set_random_seed(0)
-    model = models.build_cnn(SIZE, filters=(4, 8))
+    model = course.build_cnn(SIZE, filters=(4, 8))
     assert explain.gradcam_layer_name(model) == "last_conv_relu"
     heat = explain.gradcam(model, _images(5), batch_size=2)  # several batches
     assert heat.shape == (5, SIZE, SIZE) and heat.dtype == np.float32
@@ -82,7 +81,7 @@ def test_gradcam_nested_model_equals_flat():
 
 
 def test_gradcam_bad_input():
-    model = models.build_cnn(SIZE, filters=(4, 8))
+    model = course.build_cnn(SIZE, filters=(4, 8))
     with pytest.raises(ValueError, match="expects"):
         explain.gradcam(model, np.zeros((2, 16, 16, 1), np.float32))
     with pytest.raises(ValueError, match="no layer 'nope'"):
