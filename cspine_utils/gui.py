@@ -94,7 +94,7 @@ def _model_info_html(bundle: Bundle, name: str) -> str:
     auc_text = f", validation AUC {auc:.3f}" if isinstance(auc, (int, float)) and np.isfinite(auc) else ""
     crop = "yes" if bundle.preprocessing.get("crop_roi") else "no"
     return (
-        f"Model <b>{_e(bundle.config.get('name', name))}</b> from {_e(bundle.path)}: input "
+        f"Model <b>{_e(bundle.config.get('name', name))}</b> from {_e(records.shown_path(bundle.path))}: input "
         f"{bundle.image_size}&times;{bundle.image_size} px, crop to spine: {crop}, threshold "
         f"{bundle.threshold:.3f} (chosen on validation data{auc_text})."
     )

@@ -1,7 +1,8 @@
 """End to end: notebook 06 served by Voilà, driven in headless Chromium through Playwright.
 
 Needs Chromium at /usr/bin/chromium (``make browser`` installs it with apt-get); Playwright's own
-browser download is not used. Saves a screenshot of the app to ``report/figures/gui.png``.
+browser download is not used. The screenshot it takes goes to a temporary folder: a test writes no
+tracked file (``report/figures/gui.png`` is the rendered report's copy).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = config.repo_root() / "notebooks" / "06_predict_gui.ipynb"
-SCREENSHOT = config.repo_root() / "report" / "figures" / "gui.png"
 SERVER_START_S = 60
 PAGE_READY_MS = 240_000  # the kernel imports TensorFlow, loads the model and runs the demo
 PREDICTION_MS = 60_000
@@ -132,6 +132,7 @@ def test_upload_a_slice_and_a_text_file_in_the_browser(voila_url, chromium, tmp_
     slice_path.write_bytes(slice_png(11, fracture=True))
     text_path = tmp_path / "e2e_notes.png"
     text_path.write_text("these are notes, not a CT slice")
+    screenshot = tmp_path / "gui.png"
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
@@ -161,7 +162,6 @@ def test_upload_a_slice_and_a_text_file_in_the_browser(voila_url, chromium, tmp_
             assert "it is a text file, not an image" in error.inner_text()
             assert "Traceback" not in page.inner_text("body")
 
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.click("text=Clear results")  # keep the figure to the two uploads, not the demo
             page.locator(".cspine-result").first.wait_for(state="detached", timeout=PREDICTION_MS)
             upload_file(page, slice_path)
@@ -169,10 +169,10 @@ def test_upload_a_slice_and_a_text_file_in_the_browser(voila_url, chromium, tmp_
             upload_file(page, text_path)
             error.wait_for(timeout=PREDICTION_MS)
             page.locator(".cspine-app").scroll_into_view_if_needed()
-            page.locator(".cspine-app").screenshot(path=str(SCREENSHOT), timeout=30_000)
+            page.locator(".cspine-app").screenshot(path=str(screenshot), timeout=30_000)
         finally:
             browser.close()
-    assert SCREENSHOT.is_file() and SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.is_file() and screenshot.stat().st_size > 10_000
 
 
 def test_chromium_missing_fails_with_make_browser_hint(tmp_path):

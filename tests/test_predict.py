@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cspine_utils import cli, config, gui, modelbundle, models, phantom, predict
+from cspine_utils import cli, config, course, gui, modelbundle, phantom, pipeline, predict
 
 SIZE = 32
 
 
-def make_tiny_bundle(models_dir: Path, name: str = "cnn", threshold: float = 0.5) -> Path:
-    """A small CNN fitted for one epoch on 20 toy images, saved as a bundle (a few seconds)."""
+def make_tiny_bundle(models_dir: Path, name: str = "cnn", threshold: float = 0.5, crop_roi: bool = False) -> Path:
+    """The course's CNN (small), fitted for one epoch on 20 toy images, saved as a bundle (a few seconds)."""
     import keras
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.random((20, SIZE, SIZE, 1), dtype=np.float32)
     y = (np.arange(20) % 2).astype("float32")
-    model = models.build_cnn(SIZE, filters=(8, 16), name=name)
+    model = course.build_cnn(SIZE, filters=(8, 16), name=name)
     model.compile(optimizer="adam", loss="binary_crossentropy")
     model.fit(x, y, epochs=1, batch_size=10, verbose=0)
     return modelbundle.save_bundle(
@@ -33,7 +33,7 @@ def make_tiny_bundle(models_dir: Path, name: str = "cnn", threshold: float = 0.5
         models_dir / name,
         image_size=SIZE,
         threshold=threshold,
-        preprocessing={"crop_roi": False},
+        preprocessing={"crop_roi": crop_roi},
         profile="smoke",
         name=name,
     )
@@ -250,3 +250,21 @@ def test_console_script_exit_code_and_json(use_artifacts, scans, tmp_path):
     assert rows[2]["error"].startswith("empty file")
     assert proc.stderr.count("not for diagnosis") == 1
     assert config.artifacts_dir() == use_artifacts
+
+
+def test_a_bundle_that_crops_to_the_spine_crops_in_every_path(tmp_path, scans):
+    """crop_roi=True (the course default) is applied by the CLI path, the GUI path and the bundle alike."""
+    cropped = modelbundle.load_bundle(make_tiny_bundle(tmp_path / "models", "cnn", crop_roi=True))
+    path = scans / "sub dir" / "slice (2).png"
+    [result] = predict.predict_paths([path], cropped, keep_images=True)
+    expected_input = pipeline.load_and_preprocess(path, SIZE, crop_roi=True)
+    uncropped_input = pipeline.load_and_preprocess(path, SIZE, crop_roi=False)
+    np.testing.assert_array_equal(result.image, expected_input[..., 0])
+    assert not np.allclose(expected_input, uncropped_input), "the crop changes the model input"
+    expected = float(cropped.model.predict_on_batch(expected_input[None]).reshape(-1)[0])
+    assert result.probability == pytest.approx(expected, abs=1e-6)
+    assert float(cropped.predict_files([path])[0]) == result.probability
+    app = gui.build_app(tmp_path / "models", predictions_dir=tmp_path / "predictions")
+    shown = app.predict_bytes(path.name, path.read_bytes())
+    assert shown.probability == result.probability
+    np.testing.assert_array_equal(shown.image, expected_input[..., 0])
