@@ -1,82 +1,40 @@
 """Dataset audit: the report to read *before* training a model on a folder of CT slices.
 
-A deep network will happily learn whatever separates the two folders. On a well-made dataset
-that is the fracture; on a flawed one it is something else, and the accuracy you measure then
-says nothing about fracture detection. :func:`audit_dataset` looks for the flaws known from the
-public Kaggle cervical-fracture sets:
+A network learns whatever separates the two folders. :func:`audit_dataset` checks for the flaws
+of the public Kaggle sets: class imbalance; image sizes or modes found in one class only (a label
+shortcut); rejected files; exact duplicates, also across labels; near-duplicate clusters; source
+groups and copies per group (the Kaggle set ships ~21 rotated/sharpened/resized copies of each
+source slice); cross-split leakage (named groups); and the **shortcut alarm** (:func:`shortcut_auc`).
 
-* **counts** per class and split, and **class imbalance**;
-* **image sizes and modes** per class (a size or colour mode found in one class only is a label
-  shortcut: the network can read the class from the padding or resolution);
-* **rejected files** (unreadable, too small, not an image) with the reason;
-* **exact duplicates** (same SHA-256 of the file bytes), including duplicates filed under both
-  labels;
-* **near-duplicate clusters** (perceptual hash, see :func:`cspine_utils.data.near_duplicate_clusters`);
-* **source groups**: how many distinct source slices (or subjects) lie behind the files, and how
-  many copies each has - the Kaggle set ships about 21 augmented copies (rotated, sharpened,
-  resized) of every source slice;
-* **cross-split leakage**: groups found in more than one split, listed by name;
-* the **shortcut alarm** (:func:`shortcut_auc`): a deliberately trivial model must *not* be able to
-  tell the classes apart.
-
-Why the shortcut alarm works, and why its threshold is 0.9
-----------------------------------------------------------
-The trivial model is a standardised, L1-penalised (sparse: a shortcut needs few features) logistic
-regression on a 16 x 16 thumbnail of each image (area-averaged, so a 512-pixel slice becomes blocks
-of 32 x 32 pixels, 1-1.5 cm of neck each) plus a few intensity statistics (mean, standard
-deviation, percentiles, fraction of bright bone pixels, fraction of dark padding, image size,
-colour mode). It is scored by grouped cross-validation - every copy of a source slice stays on
-one side - as an out-of-fold ROC AUC, averaged over three shuffles of the folds.
-
-A hairline or a displaced fracture changes a few hundred pixels of bone; averaged into 32 x 32
-blocks it moves a thumbnail value by a fraction of a grey level, far below the differences
-between patients, levels and scanners. So on a dataset where only the fracture differs between
-classes this model scores well below the alarm: 0.44-0.68 on our synthetic sets of 100-1000
-slices (several seeds; large displaced or burst fractures leave a little coarse signal). An AUC
-of **0.9 or more** means the labels are predictable from *coarse appearance*: the anatomical
-level (mandible and dens at C1-C2, thyroid at C6-C7), the scanner, the window, padding or
-resolution (a fixture with fracture slices from C1-C2 and normals from C6-C7 scores
-0.95-0.99). 0.9 is also far outside chance even for small sets: the chance AUC has a standard
-deviation of about sqrt((n1 + n2 + 1) / (12 n1 n2)) counted in *groups*, 0.13 with 10 source
-groups per class and 0.05 with 60, so 0.9 lies three to eight standard deviations above 0.5.
-Between 0.75 and 0.9 the report notes a partial shortcut without raising the alarm.
-
-When the alarm sounds, a deep model's accuracy on this dataset does **not** measure fracture
-detection: it will learn the shortcut first. Fix the data (match levels, sizes and sources between
-classes) or at least report the trivial model's AUC beside the network's.
-
-Example
--------
->>> from cspine_utils import audit                                   # doctest: +SKIP
->>> report = audit.audit_dataset("data/synthetic/cpu")                 # doctest: +SKIP
->>> print(report.to_text())                                            # doctest: +SKIP
->>> report.tables["counts"]                                            # doctest: +SKIP
+The shortcut alarm: a standardised, L1-penalised logistic regression on a 16 x 16 area-averaged
+thumbnail (32 x 32-pixel blocks of a 512-pixel slice, 1-1.5 cm of neck) plus intensity statistics,
+scored as out-of-fold ROC AUC by grouped cross-validation (all copies of a source on one side), mean
+of three shuffles. A fracture changes a few hundred pixels of bone, a fraction of a grey level per
+block, far below the differences between patients, levels and scanners: where only the fracture
+differs the AUC stays well below the alarm (0.44-0.68 on our synthetic sets of 100-1200 slices;
+large displaced or burst fractures leave a little coarse signal). **>= 0.9** means the labels are
+predictable from coarse appearance: anatomical level (fractures from C1-C2 against normals from
+C6-C7 score 0.95-0.99), scanner, window, padding or resolution. Chance AUC has a standard
+deviation of about sqrt((n1 + n2 + 1) / (12 n1 n2)) in *groups* (0.13 with 10 groups per class,
+0.05 with 60): 0.9 is 3-8 SD above 0.5; 0.75-0.9 is noted as partial. Under the alarm a deep
+model's accuracy does not measure fracture detection: match levels, sizes and sources between
+the classes, or report the trivial model's AUC beside the network's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-__all__ = [
-    "AuditReport",
-    "audit_dataset",
-    "shortcut_auc",
-    "thumbnail_features",
-    "file_sha256",
-    "SHORTCUT_AUC_THRESHOLD",
-    "PARTIAL_SHORTCUT_AUC",
-    "DEFAULT_MAX_FILES",
-    "THUMBNAIL_SIZE",
-]
+from .records import jsonable, sha256_file, shown_path
 
 SHORTCUT_AUC_THRESHOLD = 0.9  # out-of-fold AUC of the trivial model that raises the alarm
 PARTIAL_SHORTCUT_AUC = 0.75  # noted in the report, no warning
@@ -88,54 +46,33 @@ MANY_COPIES_PER_GROUP = 3.0  # median files per source group from which the set 
 BRIGHT_LEVEL = 0.6  # grey level (0-1) above which a pixel counts as bright (bone in a bone window)
 DARK_LEVEL = 0.02  # grey level below which a pixel counts as padding/air
 _PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-STAT_FEATURES = (
-    ["mean", "std"]
-    + [f"p{q:02d}" for q in _PERCENTILES]
-    + ["bright_fraction", "dark_fraction", "width", "height", "aspect", "colour_mode"]
-)
+STAT_FEATURES = ["mean", "std", *(f"p{q:02d}" for q in _PERCENTILES)]
+STAT_FEATURES += ["bright_fraction", "dark_fraction", "width", "height", "aspect", "colour_mode"]
 _GREY_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "F", "1"}
 _LIST_LIMIT = 10  # names listed in one warning line
+_AUGMENT_WORDS = re.compile(r"rotat|sharpen|flip|mirror|bright|contrast|zoom|shear|crop|noise|blur|augment", re.I)
 
 
-# --------------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------------
 @dataclass
 class AuditReport:
-    """What :func:`audit_dataset` found. ``tables`` holds DataFrames for notebooks.
+    """What :func:`audit_dataset` found; ``print(report)`` shows :meth:`to_text`.
 
-    Attributes
-    ----------
-    root, layout
-        The dataset folder and the layout :func:`cspine_utils.data.discover` recognised.
-    n_files, n_rejected, n_groups
-        Usable images, rejected files, distinct source groups.
-    labels
-        Classes present, sorted.
-    leaking_groups
-        Groups with files in more than one split (sorted names).
-    shortcut_auc
-        Out-of-fold ROC AUC of the trivial model, or ``None`` when it cannot be computed
-        (one class, or too few images).
-    shortcut_method
-        How it was cross-validated, in words (or why it was not computed).
-    warnings
-        One sentence per problem found; empty for a clean dataset.
-    tables
-        ``counts`` (label x split), ``sizes`` (size/mode x label), ``duplicates`` (exact
-        duplicate sets), ``near_duplicates`` (clusters of more than one file), ``groups`` (files
-        per group), ``leakage`` (leaking groups and their splits), ``rejected`` (path, reason),
-        ``shortcut_features`` (AUC of each intensity statistic on its own).
+    ``shortcut_auc`` is ``None`` when it cannot be computed (one class, too few images) and
+    ``shortcut_method`` then says why. ``warnings`` has one sentence per problem (empty when
+    clean). ``tables`` (DataFrames): ``counts`` (label x split), ``sizes`` (size/mode x label),
+    ``duplicates`` (exact duplicate sets), ``near_duplicates`` (clusters of more than one file),
+    ``groups`` (files per group), ``leakage`` (leaking groups), ``rejected`` (path, reason),
+    ``shortcut_features`` (AUC of each intensity statistic alone).
     """
 
     root: str
-    layout: str
+    layout: str  # as recognised by cspine_utils.data.discover
     seed: int
-    n_files: int
+    n_files: int  # usable images
     n_rejected: int
-    n_groups: int
+    n_groups: int  # distinct source groups
     labels: list[str]
-    leaking_groups: list[str]
+    leaking_groups: list[str]  # groups with files in more than one split, sorted
     shortcut_auc: float | None
     shortcut_method: str
     shortcut_n_images: int
@@ -153,105 +90,66 @@ class AuditReport:
 
     def to_dict(self) -> dict:
         """Everything as plain JSON types (tables as lists of records, NaN as ``None``)."""
-        out = {
-            "root": self.root,
-            "layout": self.layout,
-            "seed": self.seed,
-            "n_files": self.n_files,
-            "n_rejected": self.n_rejected,
-            "n_groups": self.n_groups,
-            "labels": list(self.labels),
-            "leaking_groups": list(self.leaking_groups),
-            "shortcut_auc": self.shortcut_auc,
-            "shortcut_alarm": self.shortcut_alarm,
-            "shortcut_threshold": self.shortcut_threshold,
-            "shortcut_method": self.shortcut_method,
-            "shortcut_n_images": self.shortcut_n_images,
-            "copies_per_group": self.copies_per_group,
-            "n_exact_duplicates": self.n_exact_duplicates,
-            "n_near_duplicate_clusters": self.n_near_duplicate_clusters,
-            "warnings": list(self.warnings),
-        }
-        for name, table in self.tables.items():
-            out[name] = _records(table)
-        return _plain(out)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tables"}
+        out["shortcut_alarm"] = self.shortcut_alarm
+        out.update({name: _records(table) for name, table in self.tables.items()})
+        return jsonable(out)
 
     def to_text(self) -> str:
-        """A readable multi-line report for the terminal or a notebook (``print(report.to_text())``)."""
-        lines = [f"Dataset audit: {self.root}", f"  layout: {self.layout}"]
-        cpg = self.copies_per_group
-        lines.append(
+        """A readable multi-line report for the terminal or a notebook."""
+        cpg, t = self.copies_per_group, self.tables
+        rejected = t["rejected"].assign(path=[os.path.relpath(p, self.root or ".") for p in t["rejected"]["path"]])
+        summary = (
+            f"Dataset audit: {shown_path(self.root) if self.root else '(no folder)'}\n  layout: {self.layout}\n"
             f"  {self.n_files} images, {self.n_rejected} rejected, classes: {', '.join(self.labels) or 'none'}, "
-            f"{self.n_groups} source groups (files per group: median {cpg.get('median', 0):g}, "
-            f"max {cpg.get('max', 0):g})"
+            f"{self.n_groups} source groups (files per group: median {cpg.get('median', 0):g}, max {cpg.get('max', 0):g})"
         )
-        lines += ["", "Counts (label x split)", _indent(self.tables["counts"].to_string())]
-        sizes = self.tables["sizes"]
-        lines += [
-            "",
-            "Image sizes and modes (files per class)",
-            _indent(sizes.head(15).to_string(index=False) if len(sizes) else "(none)"),
+        sections = [
+            [summary],
+            ["Counts (label x split)", _indent(t["counts"].to_string())],
+            ["Image sizes and modes (files per class)", *_head(t["sizes"], 15, "sizes")],
+            [f"Rejected files: {self.n_rejected}", *(_head(rejected, 10) if self.n_rejected else [])],
+            self._duplicates_text(),
+            [f"Cross-split leakage: {len(self.leaking_groups)} groups in more than one split"]
+            + (_head(t["leakage"], 10) if self.leaking_groups else []),
+            self._shortcut_text(),
+            [f"Warnings: {len(self.warnings)}", *([f"  ! {w}" for w in self.warnings] or ["  none"])],
         ]
-        if len(sizes) > 15:
-            lines.append(f"    ... {len(sizes) - 15} more sizes")
-        lines += ["", f"Rejected files: {self.n_rejected}"]
-        if self.n_rejected:
-            rej = self.tables["rejected"]
-            lines.append(_indent(rej.head(10).to_string(index=False)))
-            if len(rej) > 10:
-                lines.append(f"    ... {len(rej) - 10} more")
-        lines += ["", f"Exact duplicates (same file bytes): {self.n_exact_duplicates} sets"]
+        return "\n\n".join("\n".join(lines) for lines in sections)
+
+    def _duplicates_text(self) -> list[str]:
+        lines = [f"Exact duplicates (same file bytes): {self.n_exact_duplicates} sets"]
         dup = self.tables["duplicates"]
         if len(dup):
             lines.append(_indent(dup[["n_files", "labels", "splits", "example"]].head(5).to_string(index=False)))
-        near = self.tables.get("near_duplicates")
         lines.append(f"Near-duplicate clusters (perceptual hash): {self.n_near_duplicate_clusters}")
+        near = self.tables.get("near_duplicates")
         if near is not None and len(near):
-            big = int(near["n_files"].max())
-            lines.append(
-                f"    largest: {big} files ({near.iloc[0]['example']}, ...)"
-                + (
-                    " - hashes of CT slices are alike, so large clusters also join unrelated slices"
-                    if big > 0.2 * self.n_files
-                    else ""
-                )
-            )
-        lines += ["", f"Cross-split leakage: {len(self.leaking_groups)} groups in more than one split"]
-        if self.leaking_groups:
-            lines.append(_indent(self.tables["leakage"].head(10).to_string(index=False)))
-            if len(self.leaking_groups) > 10:
-                lines.append(f"    ... {len(self.leaking_groups) - 10} more")
-        lines += ["", "Shortcut check (trivial model: 16x16 thumbnail + intensity statistics)"]
+            lines += [
+                f"    {int(near['n_files'].sum())} files, largest {int(near['n_files'].max())} ({near.iloc[0]['example']}, ...)",
+                "    not a flaw by itself: 64-bit hashes of axial neck CT slices are alike, so clusters join",
+                "    unrelated slices too; copies also show as exact duplicates or augmented names (warnings).",
+            ]
+        return lines
+
+    def _shortcut_text(self) -> list[str]:
+        lines = ["Shortcut check (trivial model: 16x16 thumbnail + intensity statistics)"]
         if self.shortcut_auc is None:
-            lines.append(f"  not computed: {self.shortcut_method}")
-        else:
-            verdict = (
-                "ALARM"
-                if self.shortcut_alarm
-                else "partial shortcut"
-                if self.shortcut_auc >= PARTIAL_SHORTCUT_AUC
-                else "ok"
-            )
-            lines.append(
-                f"  out-of-fold ROC AUC = {self.shortcut_auc:.3f} (alarm at >= {self.shortcut_threshold:.2f}): "
-                f"{verdict}"
-            )
-            lines.append(f"  {self.shortcut_method}")
-            feats = self.tables.get("shortcut_features")
-            if feats is not None and len(feats):
-                top = ", ".join(f"{r.feature} {r.auc:.2f}" for r in feats.head(4).itertuples())
-                lines.append(f"  strongest single statistics (AUC): {top}")
-        lines += ["", f"Warnings: {len(self.warnings)}"]
-        lines += [f"  ! {w}" for w in self.warnings] or ["  none"]
-        return "\n".join(lines)
+            return lines + [f"  not computed: {self.shortcut_method}"]
+        auc, alarm_at = self.shortcut_auc, self.shortcut_threshold
+        verdict = "ALARM" if auc >= alarm_at else "partial shortcut" if auc >= PARTIAL_SHORTCUT_AUC else "ok"
+        lines.append(f"  out-of-fold ROC AUC = {auc:.3f} (alarm at >= {alarm_at:.2f}): {verdict}")
+        lines.append(f"  {self.shortcut_method}")
+        feats = self.tables.get("shortcut_features")
+        if feats is not None and len(feats):
+            top = ", ".join(f"{r.feature} {r.auc:.2f}" for r in feats.head(4).itertuples())
+            lines.append(f"  strongest single statistics (AUC): {top}")
+        return lines
 
-    def __str__(self) -> str:  # print(report) shows the text report
-        return self.to_text()
+    __str__ = to_text
 
 
-# --------------------------------------------------------------------------------------------
-# The audit
-# --------------------------------------------------------------------------------------------
+# The audit: a list of named steps
 def audit_dataset(
     data_dir_or_discovery,
     seed: int = 0,
@@ -261,215 +159,238 @@ def audit_dataset(
     group_method: str = "auto",
     workers: int | None = None,
 ) -> AuditReport:
-    """Audit a dataset folder (or the result of :func:`cspine_utils.data.discover`).
+    """Audit a dataset folder (any layout :func:`cspine_utils.data.discover` reads) or its ``Discovery``.
 
-    Parameters
-    ----------
-    data_dir_or_discovery
-        A folder in any layout :func:`cspine_utils.data.discover` understands, or its
-        ``Discovery`` result.
-    seed
-        Seeds the sample of images and the cross-validation folds (same seed, same report).
-    max_files
-        At most this many images are read for the shortcut model, sampled stratified by class
-        (``None``: :data:`DEFAULT_MAX_FILES`). Every file is still hashed.
-    threshold
-        Out-of-fold AUC of the trivial model that raises the shortcut alarm (see module docstring).
-    group_method
-        How :func:`cspine_utils.data.discover` groups files into sources when a folder is given
-        (``'auto'``, ``'name'``, ``'subject'``, ``'hash'``, ``'name+hash'``, ``'file'``); ignored for a
-        ``Discovery``.
-    workers
-        Threads reading images (default: up to 4).
-
-    Returns
-    -------
-    AuditReport
-        Warnings are collected, not raised: a single-class dataset gives a warning and
-        ``shortcut_auc=None``.
-
-    Raises
-    ------
-    FileNotFoundError, NotADirectoryError
-        The folder does not exist or is a file.
-    ValueError
-        ``seed``/``max_files``/``threshold`` out of range, or no usable image at all.
+    ``seed`` fixes the image sample and the folds. At most ``max_files`` images (default
+    :data:`DEFAULT_MAX_FILES`, stratified by class) feed the shortcut model; every file is hashed.
+    ``group_method`` goes to ``discover``; ``workers``: reading threads (default up to 4). Problems
+    become warnings; ``FileNotFoundError``/``NotADirectoryError`` for a missing folder or a file,
+    ``ValueError`` for ``seed``/``max_files``/``threshold`` out of range or no usable image.
     """
     from . import data  # noqa: PLC0415 - keep the package import light
 
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if max_files is None:
-        max_files = DEFAULT_MAX_FILES
-    if not isinstance(max_files, (int, np.integer)) or max_files < 2:
-        raise ValueError(f"max_files must be an integer >= 2, got {max_files!r}")
-    if not 0.5 < threshold <= 1.0:
-        raise ValueError(f"threshold must lie in (0.5, 1], got {threshold!r}")
-
-    if hasattr(data_dir_or_discovery, "manifest"):
-        disc = data_dir_or_discovery
-    else:
-        root = Path(data_dir_or_discovery).expanduser()
-        if not root.exists():
-            raise FileNotFoundError(f"data folder not found: {root}")
-        if not root.is_dir():
-            raise NotADirectoryError(f"not a folder: {root}")
-        disc = data.discover(root, require_two_classes=False, group_method=group_method)
-
-    manifest = disc.manifest.reset_index(drop=True).copy()
-    rejected = _rejected_table(getattr(disc, "rejected", None))
-    root_str = str(getattr(disc, "root", "") or "")
-    layout = str(getattr(disc, "layout", "") or "unknown")
-    if len(manifest) == 0:
-        raise ValueError(f"no usable images in {root_str or 'the dataset'} ({len(rejected)} files rejected)")
-    for col in ("label", "split", "group"):
-        if col not in manifest:
-            manifest[col] = "" if col != "group" else manifest["path"].astype(str)
-    manifest["label"] = manifest["label"].astype(str)
-    manifest["split"] = manifest["split"].fillna("").astype(str)
-    manifest["group"] = manifest["group"].astype(str)
-    _fill_sizes(manifest)
-
-    warnings: list[str] = []
+    max_files = DEFAULT_MAX_FILES if max_files is None else max_files
+    _check_arguments(seed, max_files, threshold)
+    manifest, rejected, root, layout = _load_manifest(data, data_dir_or_discovery, group_method)
     labels = sorted(manifest["label"].unique())
-    counts = count_table(manifest)
-    warnings += _class_warnings(manifest, labels)
-
-    sizes = size_table(manifest)
-    warnings += _size_warnings(manifest, sizes)
-
-    if len(rejected):
-        reasons = rejected["reason"].astype(str).str.split(":").str[0].value_counts()
-        summary = "; ".join(f"{n} x {r}" for r, n in reasons.head(3).items())
-        warnings.append(
-            f"{len(rejected)} files were rejected and will not be used ({summary}); see the 'rejected' table."
-        )
-
-    manifest["sha256"] = _map_threads(file_sha256, manifest["path"].tolist(), workers)
+    counts, sizes = count_table(manifest), size_table(manifest)
+    manifest["sha256"] = _map_threads(sha256_file, manifest["path"].tolist(), workers)
     duplicates = duplicate_table(manifest)
-    n_dup_files = int(duplicates["n_files"].sum() - len(duplicates)) if len(duplicates) else 0
-    if len(duplicates):
-        msg = (
-            f"{len(duplicates)} sets of exact duplicates ({n_dup_files} redundant files): identical "
-            "bytes under several names"
-        )
-        conflicting = duplicates[duplicates["labels"].str.contains(",")]
-        if len(conflicting):
-            msg += f"; {len(conflicting)} sets are filed under both labels (contradictory labels)"
-        cross = duplicates[duplicates["splits"].str.contains(",")]
-        if len(cross):
-            msg += f"; {len(cross)} sets span several splits"
-        warnings.append(msg + ".")
-
-    # One pass over the (sampled) images: thumbnail features, and perceptual hashes when missing.
-    sample = _stratified_sample(manifest.index.to_numpy(), manifest["label"].to_numpy(), max_files, seed)
-    jobs = [(manifest.at[i, "path"], str(manifest.at[i, "mode"])) for i in sample]
-    read = _map_threads(_features_and_hash(data), jobs, workers)
-    ok = [i for i, r in zip(sample, read) if r is not None]
-    has_hash = "phash" in manifest and (manifest["phash"].fillna("").astype(str) != "").all()
-    if not has_hash and len(ok) == len(manifest):
-        manifest["phash"] = pd.Series([r[1] for r in read], index=sample).reindex(manifest.index)
-    manifest["near_cluster"] = _near_duplicates(data, manifest)
+    warnings = _class_warnings(manifest, labels) + _size_warnings(sizes) + _file_warnings(rejected, duplicates)
+    features, read_ok = _read_sample(data, manifest, max_files, seed, workers)
     near_table = near_duplicate_table(manifest)
-
-    groups = manifest.groupby("group").size()
-    cpg = {"median": float(groups.median()), "mean": round(float(groups.mean()), 2), "max": int(groups.max())}
-    group_table = (
-        manifest.groupby("group")
-        .agg(n_files=("path", "size"), labels=("label", _joined), splits=("split", _joined))
-        .sort_values("n_files", ascending=False)
-        .reset_index()
-    )
-    largest = groups.idxmax()
-    if len(manifest) >= 20 and groups.max() > 0.5 * len(manifest):
-        warnings.append(
-            f"one source group ('{largest}') holds {groups.max()} of {len(manifest)} files: the grouping "
-            "looks over-merged (perceptual hashes of CT slices are alike and chain unrelated images). "
-            "Leakage and grouped splits are unreliable; try group_method='name' (CLI: --group-method name)."
-        )
-    evidence = _augmentation_evidence(manifest, near_table)
-    cpg.update(evidence)
-    if cpg["median"] >= MANY_COPIES_PER_GROUP and (
-        evidence["augmented_name_share"] >= 0.2 or evidence["exact_duplicate_share"] >= 0.2
-    ):
-        warnings.append(
-            f"{len(manifest)} files come from only {len(groups)} source groups (median {cpg['median']:g} "
-            f"files each, up to {cpg['max']}; {evidence['augmented_name_share']:.0%} of the names say "
-            f"rotated/sharpened/..., {evidence['exact_duplicate_share']:.0%} of the files are exact "
-            "copies): the set looks pre-augmented. Split and cross-validate by group, never by file, and "
-            "count groups - not files - as your sample size."
-        )
-
     leaking = sorted(str(g) for g in data.cross_split_leakage(manifest))
-    leak_table = group_table[group_table["group"].isin(leaking)].reset_index(drop=True)
-    if leaking:
-        names = ", ".join(leaking[:_LIST_LIMIT]) + (", ..." if len(leaking) > _LIST_LIMIT else "")
-        n_files = int(leak_table["n_files"].sum())
-        warnings.append(
-            f"cross-split leakage: {len(leaking)} source groups ({n_files} files) appear in more than one "
-            f"split: {names}. Validation scores on these splits are inflated; re-split by group "
-            "(data.assign_groups + a grouped split)."
-        )
-
-    auc, method, n_used, feat_table = None, "", 0, pd.DataFrame(columns=["feature", "auc"])
-    if len(labels) < 2:
-        method = "only one class present"
-    else:
-        cv_groups = _cv_groups(data, manifest)
-        if ok:
-            X = np.vstack([r[0] for r in read if r is not None])
-            y = (manifest.loc[ok, "label"].to_numpy() == _positive_label(labels)).astype(int)
-            auc, method = shortcut_auc(X, y, cv_groups[ok], seed=seed)
-            n_used = len(ok)
-            feat_table = _single_feature_aucs(X[:, -len(STAT_FEATURES) :], y)
-        else:
-            method = "no image could be read"
-    if auc is not None:
-        auc = round(float(auc), 4)
-    if auc is not None and auc >= threshold:
-        cues = ", ".join(feat_table.loc[feat_table["auc"] >= 0.8, "feature"].head(4))
-        warnings.append(
-            f"SHORTCUT ALARM: a trivial model on 16x16 thumbnails and intensity statistics separates the "
-            f"classes with out-of-fold AUC {auc:.2f} (>= {threshold:.2f}). It cannot see a fracture, so the "
-            "labels are predictable from coarse appearance (anatomical level, scanner, window, padding, "
-            "resolution)" + (f"; strongest cues: {cues}" if cues else "") + ". A deep model's accuracy on "
-            "this dataset will not measure fracture detection."
-        )
-
-    tables = {
-        "counts": counts,
-        "sizes": sizes,
-        "duplicates": duplicates,
-        "near_duplicates": near_table,
-        "groups": group_table,
-        "leakage": leak_table,
-        "rejected": rejected,
-        "shortcut_features": feat_table,
-    }
+    group_table, leak_table, cpg, group_warnings = _group_summary(manifest, near_table, leaking)
+    warnings += group_warnings
+    auc, method, feat_table = _shortcut_check(data, manifest, labels, features, read_ok, seed)
+    warnings += _alarm_warnings(auc, threshold, feat_table)
+    tables = {"counts": counts, "sizes": sizes, "duplicates": duplicates, "near_duplicates": near_table}
+    tables |= {"groups": group_table, "leakage": leak_table, "rejected": rejected, "shortcut_features": feat_table}
     return AuditReport(
-        root=root_str,
+        root=root,
         layout=layout,
         seed=int(seed),
         n_files=len(manifest),
         n_rejected=len(rejected),
-        n_groups=int(len(groups)),
+        n_groups=len(group_table),
         labels=labels,
         leaking_groups=leaking,
-        shortcut_auc=None if auc is None else round(float(auc), 4),
+        shortcut_auc=auc,
         shortcut_method=method,
-        shortcut_n_images=n_used,
+        shortcut_n_images=len(read_ok) if len(labels) >= 2 else 0,
         shortcut_threshold=float(threshold),
         copies_per_group=cpg,
         n_exact_duplicates=len(duplicates),
-        n_near_duplicate_clusters=len(near_table.drop_duplicates("cluster")) if len(near_table) else 0,
+        n_near_duplicate_clusters=near_table["cluster"].nunique() if len(near_table) else 0,
         warnings=warnings,
         tables=tables,
     )
 
 
-# --------------------------------------------------------------------------------------------
+def _check_arguments(seed, max_files, threshold) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(max_files, (int, np.integer)) or max_files < 2:
+        raise ValueError(f"max_files must be an integer >= 2, got {max_files!r}")
+    if not 0.5 < threshold <= 1.0:
+        raise ValueError(f"threshold must lie in (0.5, 1], got {threshold!r}")
+
+
+def _load_manifest(data_module, source, group_method: str) -> tuple[pd.DataFrame, pd.DataFrame, str, str]:
+    """(manifest with label/split/group/width/height/mode, rejected table, root, layout) of a folder or Discovery."""
+    if not hasattr(source, "manifest"):
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"data folder not found: {root}")
+        if not root.is_dir():
+            raise NotADirectoryError(f"not a folder: {root}")
+        source = data_module.discover(root, require_two_classes=False, group_method=group_method)
+    manifest = source.manifest.reset_index(drop=True).copy()
+    rejected = getattr(source, "rejected", None)
+    rejected = rejected if rejected is not None and len(rejected) else pd.DataFrame(columns=["path", "reason"])
+    root = str(getattr(source, "root", "") or "")
+    if len(manifest) == 0:
+        raise ValueError(f"no usable images in {root or 'the dataset'} ({len(rejected)} files rejected)")
+    for col in ("label", "split", "group"):
+        manifest[col] = manifest[col].fillna("").astype(str)
+    return manifest, rejected.reset_index(drop=True), root, str(getattr(source, "layout", "") or "unknown")
+
+
+def _read_sample(data_module, manifest: pd.DataFrame, max_files: int, seed: int, workers: int | None):
+    """Read the sampled images once: (features (n_read, d), indices read); adds ``phash``, ``near_cluster``."""
+    sample = _stratified_sample(manifest.index.to_numpy(), manifest["label"].to_numpy(), max_files, seed)
+    jobs = [(manifest.at[i, "path"], str(manifest.at[i, "mode"])) for i in sample]
+    read = _map_threads(partial(_features_and_hash, data_module), jobs, workers)
+    read_ok = [i for i, r in zip(sample, read) if r is not None]
+    has_hash = "phash" in manifest and (manifest["phash"].fillna("").astype(str) != "").all()
+    if not has_hash and len(read_ok) == len(manifest):
+        manifest["phash"] = pd.Series([r[1] for r in read], index=sample).reindex(manifest.index)
+    clusters = pd.Series(data_module.near_duplicate_clusters(manifest))
+    if len(clusters) != len(manifest):
+        raise ValueError(f"near_duplicate_clusters returned {len(clusters)} ids for {len(manifest)} files")
+    manifest["near_cluster"] = clusters.to_numpy()
+    features = np.vstack([r[0] for r in read if r is not None]) if read_ok else None
+    return features, read_ok
+
+
+def _features_and_hash(data_module, job: tuple[str, str]) -> tuple[np.ndarray, str] | None:
+    """``(path, mode)`` → (thumbnail features, dHash in hex) or ``None``; the image itself is not kept."""
+    try:
+        img = data_module.read_image(job[0])
+    except (OSError, ValueError):
+        return None
+    return thumbnail_features(img, mode=job[1]), f"{data_module.perceptual_hash(img):016x}"
+
+
+def _map_threads(func, items: list, workers: int | None) -> list:
+    """``[func(x) for x in items]`` on a few threads (file reading and PNG decoding release the GIL)."""
+    workers = workers or min(4, (os.cpu_count() or 1) + 1)
+    if workers <= 1 or len(items) < 16:
+        return [func(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(func, items, chunksize=16))
+
+
+def _group_summary(manifest: pd.DataFrame, near_table: pd.DataFrame, leaking: list[str]):
+    """Files per source group, the leaking groups' rows, copies per group (with the evidence of
+    augmentation) and the warnings about groups: over-merged, pre-augmented, leaking."""
+    group_table = _grouped_files(manifest, "group")[["group", "n_files", "labels", "splits"]]
+    leak_table = group_table[group_table["group"].isin(leaking)].reset_index(drop=True)
+    sizes = group_table["n_files"]
+    cpg = {"median": float(sizes.median()), "mean": round(float(sizes.mean()), 2), "max": int(sizes.max())}
+    cpg |= _augmentation_evidence(manifest, near_table)
+    warnings = []
+    if len(manifest) >= 20 and cpg["max"] > 0.5 * len(manifest):
+        warnings.append(
+            f"one source group ('{group_table['group'].iloc[0]}') holds {cpg['max']} of {len(manifest)} files: "
+            "the grouping looks over-merged (perceptual hashes of CT slices are alike and chain unrelated "
+            "images). Leakage and grouped splits are unreliable; try group_method='name' (CLI: --group-method name)."
+        )
+    if cpg["median"] >= MANY_COPIES_PER_GROUP and max(cpg["augmented_name_share"], cpg["exact_duplicate_share"]) >= 0.2:
+        warnings.append(
+            f"{len(manifest)} files come from only {len(group_table)} source groups (median {cpg['median']:g} "
+            f"files each, up to {cpg['max']}; {cpg['augmented_name_share']:.0%} of the names say "
+            f"rotated/sharpened/..., {cpg['exact_duplicate_share']:.0%} of the files are exact "
+            "copies): the set looks pre-augmented. Split and cross-validate by group, never by file, and "
+            "count groups - not files - as your sample size."
+        )
+    if leaking:
+        names = ", ".join(leaking[:_LIST_LIMIT]) + (", ..." if len(leaking) > _LIST_LIMIT else "")
+        warnings.append(
+            f"cross-split leakage: {len(leaking)} source groups ({int(leak_table['n_files'].sum())} files) appear "
+            f"in more than one split: {names}. Validation scores on these splits are inflated; re-split by group "
+            "(data.assign_groups + a grouped split)."
+        )
+    return group_table, leak_table, cpg, warnings
+
+
+def _augmentation_evidence(manifest: pd.DataFrame, near_table: pd.DataFrame) -> dict:
+    """Shares of files named as augmented copies, of exact copies and of near duplicates.
+
+    Several files per group are no flaw (a subject gives several levels); copies are. Near
+    duplicates are no evidence on their own: hashes of axial neck CT slices are alike.
+    """
+    named = float(manifest["path"].map(lambda p: Path(p).stem).str.contains(_AUGMENT_WORDS).mean())
+    exact = float(manifest.duplicated("sha256", keep=False).mean())
+    near = float(near_table["n_files"].sum() / len(manifest)) if len(near_table) else 0.0
+    shares = ("augmented_name_share", "exact_duplicate_share", "near_duplicate_share")
+    return {k: round(v, 4) for k, v in zip(shares, (named, exact, near))}
+
+
+# Warnings
+def _class_warnings(manifest: pd.DataFrame, labels: list[str]) -> list[str]:
+    if len(labels) < 2:
+        only = labels[0] if labels else "none"
+        return [f"only one class present ({only}): nothing to classify; the shortcut check is skipped."]
+    out = []
+    counts = manifest["label"].value_counts()
+    share = counts.min() / counts.sum()
+    if share < MIN_MINORITY_SHARE:
+        out.append(
+            f"class imbalance: {counts.idxmin()} is {share:.0%} of the files ({counts.min()} of "
+            f"{counts.sum()}); accuracy is misleading - report sensitivity, specificity and AUC."
+        )
+    for split, part in manifest[manifest["split"] != ""].groupby("split"):
+        missing = sorted(set(labels) - set(part["label"]))
+        if missing:
+            out.append(f"split '{split}' has no {', '.join(missing)} images.")
+    return out
+
+
+def _size_warnings(sizes: pd.DataFrame) -> list[str]:
+    """Warn when image size/mode is associated with the class (chi-square p < 0.01, Cramér's V >= 0.3)."""
+    from scipy.stats import chi2_contingency  # noqa: PLC0415
+
+    labels = [c for c in sizes.columns if c not in ("size", "mode", "total", "only_in")]
+    if len(labels) < 2 or len(sizes) < 2:
+        return []
+    table = sizes[labels].to_numpy()
+    table = table[table.sum(axis=1) > 0]
+    chi2, p, _, _ = chi2_contingency(table)
+    v = math.sqrt(chi2 / (table.sum() * (min(table.shape) - 1)))
+    if p >= 0.01 or v < 0.3:
+        return []
+    exclusive = sizes[sizes["only_in"] != ""].head(4)
+    detail = "; ".join(f"{r.size} {r.mode} only in {r.only_in} ({r.total} files)" for r in exclusive.itertuples())
+    return [
+        f"image size/mode depends on the class (Cramér's V {v:.2f}, chi-square p = {p:.1g})"
+        + (f": {detail}" if detail else "")
+        + ". A network can read the label from size, padding or colour mode; resize and convert all "
+        "images the same way and check the classes match."
+    ]
+
+
+def _file_warnings(rejected: pd.DataFrame, duplicates: pd.DataFrame) -> list[str]:
+    """Rejected files (with the commonest reasons) and exact duplicates (across labels, across splits)."""
+    out = []
+    if len(rejected):
+        reasons = rejected["reason"].astype(str).str.split(":").str[0].value_counts()
+        summary = "; ".join(f"{n} x {r}" for r, n in reasons.head(3).items())
+        out.append(f"{len(rejected)} files were rejected and will not be used ({summary}); see the 'rejected' table.")
+    if not len(duplicates):
+        return out
+    redundant = int(duplicates["n_files"].sum() - len(duplicates))
+    msg = f"{len(duplicates)} sets of exact duplicates ({redundant} redundant files): identical bytes under"
+    msg += " several names"
+    conflicting, cross = (duplicates[c].str.contains(",").sum() for c in ("labels", "splits"))
+    msg += f"; {conflicting} sets are filed under both labels (contradictory labels)" if conflicting else ""
+    return out + [msg + (f"; {cross} sets span several splits" if cross else "") + "."]
+
+
+def _alarm_warnings(auc: float | None, threshold: float, feat_table: pd.DataFrame) -> list[str]:
+    if auc is None or auc < threshold:
+        return []
+    cues = ", ".join(feat_table.loc[feat_table["auc"] >= 0.8, "feature"].head(4))
+    return [
+        f"SHORTCUT ALARM: a trivial model on 16x16 thumbnails and intensity statistics separates the "
+        f"classes with out-of-fold AUC {auc:.2f} (>= {threshold:.2f}). It cannot see a fracture, so the "
+        "labels are predictable from coarse appearance (anatomical level, scanner, window, padding, "
+        "resolution)" + (f"; strongest cues: {cues}" if cues else "") + ". A deep model's accuracy on "
+        "this dataset will not measure fracture detection."
+    ]
+
+
 # Tables
-# --------------------------------------------------------------------------------------------
 def count_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """Files per label (rows) and split (columns), with totals. An empty split shows as ``(none)``."""
     split = manifest["split"].replace("", "(none)")
@@ -482,90 +403,47 @@ def size_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """Files per image size and mode, one column per label; ``only_in`` names a class-exclusive size."""
     key = manifest["width"].astype(str) + "x" + manifest["height"].astype(str)
     table = pd.crosstab([key.rename("size"), manifest["mode"].rename("mode")], manifest["label"])
+    labels = list(table.columns)
     table["total"] = table.sum(axis=1)
-    labels = [c for c in table.columns if c != "total"]
-    present = table[labels] > 0
-    table["only_in"] = [
-        labels[int(np.argmax(row))] if row.sum() == 1 and len(labels) > 1 else "" for row in present.to_numpy()
-    ]
+    present = table[labels].to_numpy() > 0
+    table["only_in"] = [labels[int(np.argmax(r))] if r.sum() == 1 and len(labels) > 1 else "" for r in present]
     table = table.sort_values("total", ascending=False).reset_index()
     table.columns.name = None
     return table
 
 
+def _grouped_files(manifest: pd.DataFrame, key: str, **more) -> pd.DataFrame:
+    """Files grouped by ``key``: ``n_files``, ``labels``, ``splits``, ``example`` (+ ``more``), largest first."""
+    agg = dict(n_files=("path", "size"), labels=("label", _joined), splits=("split", _joined))
+    agg["example"] = ("path", lambda s: Path(sorted(s)[0]).name)
+    return manifest.groupby(key).agg(**agg, **more).sort_values("n_files", ascending=False).reset_index()
+
+
 def duplicate_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """Sets of files with identical bytes: ``sha256``, ``n_files``, ``labels``, ``splits``, ``example``, ``paths``."""
-    dup = manifest[manifest.duplicated("sha256", keep=False)]
     cols = ["sha256", "n_files", "labels", "splits", "example", "paths"]
-    if dup.empty:
-        return pd.DataFrame(columns=cols)
-    table = (
-        dup.groupby("sha256")
-        .agg(
-            n_files=("path", "size"),
-            labels=("label", _joined),
-            splits=("split", _joined),
-            example=("path", lambda s: Path(sorted(s)[0]).name),
-            paths=("path", lambda s: sorted(s)),
-        )
-        .sort_values("n_files", ascending=False)
-        .reset_index()
-    )
-    return table[cols]
+    dup = manifest[manifest.duplicated("sha256", keep=False)]
+    return pd.DataFrame(columns=cols) if dup.empty else _grouped_files(dup, "sha256", paths=("path", sorted))[cols]
 
 
 def near_duplicate_table(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Near-duplicate clusters with more than one file: ``cluster``, ``n_files``, ``groups``, ``labels``, ``splits``."""
+    """Near-duplicate clusters of more than one file: ``cluster``, ``n_files``, ``n_groups``, labels, splits, example."""
     cols = ["cluster", "n_files", "n_groups", "labels", "splits", "example"]
-    if "near_cluster" not in manifest or manifest["near_cluster"].isna().all():
-        return pd.DataFrame(columns=cols)
-    m = manifest.dropna(subset=["near_cluster"])
+    m = manifest.dropna(subset=["near_cluster"]) if "near_cluster" in manifest else manifest.iloc[:0]
     m = m[m.duplicated("near_cluster", keep=False)]
     if m.empty:
         return pd.DataFrame(columns=cols)
-    table = (
-        m.groupby("near_cluster")
-        .agg(
-            n_files=("path", "size"),
-            n_groups=("group", "nunique"),
-            labels=("label", _joined),
-            splits=("split", _joined),
-            example=("path", lambda s: Path(sorted(s)[0]).name),
-        )
-        .sort_values("n_files", ascending=False)
-        .reset_index()
-        .rename(columns={"near_cluster": "cluster"})
-    )
-    return table[cols]
+    table = _grouped_files(m, "near_cluster", n_groups=("group", "nunique"))
+    return table.rename(columns={"near_cluster": "cluster"})[cols]
 
 
-def _rejected_table(rejected) -> pd.DataFrame:
-    if rejected is None or len(rejected) == 0:
-        return pd.DataFrame(columns=["path", "reason"])
-    return rejected.reset_index(drop=True)
-
-
-# --------------------------------------------------------------------------------------------
 # The shortcut model
-# --------------------------------------------------------------------------------------------
 def thumbnail_features(image: np.ndarray, size: int = THUMBNAIL_SIZE, mode: str = "L") -> np.ndarray:
-    """Features a model that cannot see a fracture would use.
+    """Features a model that cannot see a fracture would use: float64 (size*size + len(STAT_FEATURES),).
 
-    Parameters
-    ----------
-    image
-        float (H, W) grey levels in [0, 1], as returned by :func:`cspine_utils.data.read_image`.
-    size
-        Side of the area-averaged thumbnail, pixels.
-    mode
-        PIL mode of the file (``"RGB"`` etc. count as colour).
-
-    Returns
-    -------
-    numpy.ndarray
-        float64 (size*size + len(STAT_FEATURES),): the thumbnail row by row, then
-        :data:`STAT_FEATURES` (grey-level statistics in [0, 1], width/height in pixels,
-        aspect = width/height, colour_mode 0/1).
+    ``image``: float (H, W) grey levels in [0, 1]; ``mode``: the file's PIL mode (RGB etc. = colour).
+    The area-averaged thumbnail row by row, then :data:`STAT_FEATURES` (grey statistics in [0, 1],
+    width/height in pixels, aspect w/h, colour 0/1).
     """
     from PIL import Image  # noqa: PLC0415
 
@@ -576,18 +454,24 @@ def thumbnail_features(image: np.ndarray, size: int = THUMBNAIL_SIZE, mode: str 
     step = max(1, int(math.sqrt(img.size / 65536)))  # statistics on <= ~65k pixels: fast, unbiased
     sub = img[::step, ::step].ravel()
     h, w = img.shape
-    stats = [
-        float(sub.mean()),
-        float(sub.std()),
-        *np.percentile(sub, _PERCENTILES).tolist(),
-        float((sub > BRIGHT_LEVEL).mean()),
-        float((sub < DARK_LEVEL).mean()),
-        float(w),
-        float(h),
-        float(w / h),
-        float(mode not in _GREY_MODES),
-    ]
+    stats = [float(sub.mean()), float(sub.std()), *np.percentile(sub, _PERCENTILES).tolist()]
+    stats += [float((sub > BRIGHT_LEVEL).mean()), float((sub < DARK_LEVEL).mean()), float(w), float(h), float(w / h)]
+    stats.append(float(mode not in _GREY_MODES))
     return np.concatenate([thumb.ravel(), np.asarray(stats, dtype=np.float64)])
+
+
+def _shortcut_check(data_module, manifest, labels, features, read_ok, seed: int):
+    """(AUC rounded to 4 places or None, method in words, per-statistic AUC table) for the images read."""
+    feat_table = pd.DataFrame(columns=["feature", "auc"])
+    if len(labels) < 2:
+        return None, "only one class present", feat_table
+    if not read_ok:
+        return None, "no image could be read", feat_table
+    positive = "fracture" if "fracture" in labels else labels[-1]
+    y = (manifest.loc[read_ok, "label"].to_numpy() == positive).astype(int)
+    auc, method = shortcut_auc(features, y, _cv_groups(data_module, manifest)[read_ok], seed=seed)
+    feat_table = _single_feature_aucs(features[:, -len(STAT_FEATURES) :], y)
+    return (None if auc is None else round(float(auc), 4)), method, feat_table
 
 
 def shortcut_auc(
@@ -595,79 +479,40 @@ def shortcut_auc(
 ) -> tuple[float | None, str]:
     """Out-of-fold ROC AUC of a standardised, L1-penalised logistic regression, cross-validated by group.
 
-    Parameters
-    ----------
-    X
-        float (n, d) features (see :func:`thumbnail_features`).
-    y
-        int (n,) labels, 1 = positive class.
-    groups
-        (n,) source-group ids: files of one group never sit on both sides of a fold.
-    seed
-        Seeds the fold assignment (repeat ``r`` uses ``seed + r``).
-    n_splits
-        Folds wanted; fewer when there are fewer groups.
-    n_repeats
-        Cross-validation is repeated with differently shuffled folds and the AUCs averaged: with
-        few groups a single fold assignment moves the AUC by several hundredths.
-
-    Returns
-    -------
-    (auc, method)
-        ``auc`` is ``None`` when it cannot be computed (one class, fewer than 2 images per class);
-        ``method`` says how the folds were made, in words.
-
-    Notes
-    -----
-    StratifiedGroupKFold needs at least two groups holding each class. With fewer, the folds
-    fall back to StratifiedKFold over files - optimistic when copies of a slice exist, which the
-    method string says. A training fold that lacks a class predicts its test fold at the
-    training prevalence (no information), which can only lower the AUC.
+    ``X``: float (n, d) features; ``y``: int (n,), 1 = positive; ``groups``: (n,) source ids, never
+    on both sides of a fold. ``n_splits`` folds (fewer with fewer groups), reshuffled ``n_repeats``
+    times (seeds ``seed + r``) and averaged: with few groups one assignment moves the AUC by
+    several hundredths. Returns ``(auc, method)``; ``auc`` is ``None`` with < 2 images per class.
+    With < 2 groups holding each class the folds fall back to StratifiedKFold over files
+    (optimistic when copies exist; ``method`` says so). A training fold lacking a class predicts
+    its test fold at the training prevalence, which can only lower the AUC.
     """
     from sklearn.metrics import roc_auc_score  # noqa: PLC0415
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # noqa: PLC0415
     from sklearn.pipeline import make_pipeline  # noqa: PLC0415
     from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
 
-    X = np.asarray(X, dtype=np.float64)
-    y = np.asarray(y).astype(int)
-    groups = np.asarray(groups)
+    X, y, groups = np.asarray(X, dtype=np.float64), np.asarray(y).astype(int), np.asarray(groups)
     per_class = np.bincount(y, minlength=2)
     if per_class.min() < 2:
         return None, f"too few images per class ({per_class[0]} vs {per_class[1]}) for cross-validation"
-    groups_per_class = [len(np.unique(groups[y == c])) for c in (0, 1)]
     n_groups = len(np.unique(groups))
-    grouped = min(groups_per_class) >= 2
-    if grouped:
-        k = max(2, int(min(n_splits, n_groups)))
-        method = f"{k}-fold StratifiedGroupKFold over {n_groups} source groups"
-    else:
-        k = int(min(n_splits, per_class.min()))
-        method = "StratifiedKFold over files"
+    grouped = min(len(np.unique(groups[y == c])) for c in (0, 1)) >= 2
+    k = max(2, int(min(n_splits, n_groups))) if grouped else int(min(n_splits, per_class.min()))
     model = make_pipeline(StandardScaler(), _sparse_logistic_regression(SHORTCUT_C))
     aucs = []
     for r in range(max(1, int(n_repeats))):
-        if grouped:
-            folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + r).split(X, y, groups)
-        else:
-            folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed + r).split(X, y)
+        folds = (StratifiedGroupKFold if grouped else StratifiedKFold)(k, shuffle=True, random_state=seed + r)
         oof = np.empty(len(y), dtype=np.float64)
-        for train, test in folds:
-            if len(np.unique(y[train])) < 2:
-                oof[test] = y[train].mean()
-                continue
-            model.fit(X[train], y[train])
-            oof[test] = model.predict_proba(X[test])[:, 1]
+        for train, test in folds.split(X, y, groups):  # StratifiedKFold ignores the groups
+            one_class = len(np.unique(y[train])) < 2
+            oof[test] = y[train].mean() if one_class else model.fit(X[train], y[train]).predict_proba(X[test])[:, 1]
         aucs.append(float(roc_auc_score(y, oof)))
-    method = (
-        f"{method}, {len(y)} images, mean of {len(aucs)} repeats (seed {seed}; range {min(aucs):.3f}-{max(aucs):.3f})"
-    )
-    if not grouped:
-        method = (
-            f"{k}-fold " + method + " - NOT grouped: a class has fewer than 2 source groups, so copies "
-            "may sit on both sides and the AUC is optimistic"
-        )
-    return float(np.mean(aucs)), method
+    repeats = f"{len(y)} images, mean of {len(aucs)} repeats (seed {seed}; range {min(aucs):.3f}-{max(aucs):.3f})"
+    if grouped:
+        return float(np.mean(aucs)), f"{k}-fold StratifiedGroupKFold over {n_groups} source groups, {repeats}"
+    method = f"{k}-fold StratifiedKFold over files, {repeats} - NOT grouped: a class has fewer than 2 source groups, "
+    return float(np.mean(aucs)), method + "so copies may sit on both sides and the AUC is optimistic"
 
 
 def _sparse_logistic_regression(C: float):
@@ -685,15 +530,9 @@ def _single_feature_aucs(stats: np.ndarray, y: np.ndarray) -> pd.DataFrame:
     """AUC of each statistic alone, folded to >= 0.5 (direction does not matter for a shortcut)."""
     from sklearn.metrics import roc_auc_score  # noqa: PLC0415
 
-    rows = []
-    for name, col in zip(STAT_FEATURES, stats.T):
-        auc = 0.5 if np.ptp(col) == 0 else float(roc_auc_score(y, col))
-        rows.append({"feature": name, "auc": round(max(auc, 1.0 - auc), 4)})
-    return pd.DataFrame(rows).sort_values("auc", ascending=False, kind="stable").reset_index(drop=True)
-
-
-def _positive_label(labels: list[str]) -> str:
-    return "fracture" if "fracture" in labels else labels[-1]
+    aucs = [0.5 if np.ptp(col) == 0 else float(roc_auc_score(y, col)) for col in stats.T]
+    table = pd.DataFrame({"feature": STAT_FEATURES, "auc": [round(max(a, 1.0 - a), 4) for a in aucs]})
+    return table.sort_values("auc", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def _stratified_sample(index: np.ndarray, labels: np.ndarray, max_files: int, seed: int) -> np.ndarray:
@@ -710,15 +549,11 @@ def _stratified_sample(index: np.ndarray, labels: np.ndarray, max_files: int, se
 
 
 def _cv_groups(data_module, manifest: pd.DataFrame) -> np.ndarray:
-    """Groups for cross-validation: the manifest's groups joined with exact duplicates.
-
-    When that leaves a class in fewer than two groups (e.g. hash clustering merged everything),
-    the file-name sources (:func:`cspine_utils.data.source_group_from_name`) are used instead,
-    before :func:`shortcut_auc` would fall back to ungrouped folds.
-    """
+    """The manifest's groups joined with exact duplicates; file-name sources when that leaves a
+    class in fewer than two groups (hash clustering merged everything)."""
     linked = _linked_groups(manifest, ["group", "sha256"])
     per_class = pd.Series(linked).groupby(manifest["label"].to_numpy()).nunique()
-    if per_class.min() >= 2 or not hasattr(data_module, "source_group_from_name"):
+    if per_class.min() >= 2:
         return linked
     names = manifest[["path", "sha256"]].copy()
     names["name_group"] = manifest["path"].map(data_module.source_group_from_name)
@@ -732,154 +567,18 @@ def _linked_groups(manifest: pd.DataFrame, columns: list[str]) -> np.ndarray:
 
     n = len(manifest)
     rows, cols, offset = [], [], n
-    for col in columns:
-        if col not in manifest:
-            continue
-        values = manifest[col]
-        keep = values.notna().to_numpy()
-        codes, uniques = pd.factorize(values[keep].astype(str))
+    for col in (c for c in columns if c in manifest):
+        keep = manifest[col].notna().to_numpy()
+        codes, uniques = pd.factorize(manifest[col][keep].astype(str))
         rows.append(np.flatnonzero(keep))
         cols.append(codes + offset)
         offset += len(uniques)
     r, c = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(len(r)), (r, c)), shape=(offset, offset))
-    _, comp = connected_components(graph, directed=False)
+    _, comp = connected_components(coo_matrix((np.ones(len(r)), (r, c)), shape=(offset, offset)), directed=False)
     return comp[:n]
 
 
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, hex. Identical hashes = byte-identical files."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _features_and_hash(data_module):
-    """Worker: ``(path, mode)`` → (thumbnail features, dHash as 16 hex digits), or ``None`` if unreadable.
-
-    The image itself is dropped at once, so thousands of files never sit in memory together.
-    """
-
-    def work(job):
-        path, mode = job
-        try:
-            img = data_module.read_image(path)
-        except (OSError, ValueError):
-            return None
-        return thumbnail_features(img, mode=mode), f"{data_module.perceptual_hash(img):016x}"
-
-    return work
-
-
-def _map_threads(func, items: list, workers: int | None) -> list:
-    """``[func(x) for x in items]`` on a few threads (file reading and PNG decoding release the GIL)."""
-    workers = workers or min(4, (os.cpu_count() or 1) + 1)
-    if workers <= 1 or len(items) < 16:
-        return [func(x) for x in items]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(func, items, chunksize=16))
-
-
-def _near_duplicates(data_module, manifest: pd.DataFrame) -> pd.Series:
-    """Cluster id per file from :func:`cspine_utils.data.near_duplicate_clusters`, aligned to ``manifest``."""
-    clusters = data_module.near_duplicate_clusters(manifest)
-    clusters = pd.Series(clusters)
-    if len(clusters) != len(manifest):
-        raise ValueError(f"near_duplicate_clusters returned {len(clusters)} ids for {len(manifest)} files")
-    return pd.Series(clusters.to_numpy(), index=manifest.index)
-
-
-_AUGMENT_WORDS = re.compile(
-    r"rotat|sharpen|flip|mirror|bright|contrast|zoom|shear|crop|noise|blur|augment", re.IGNORECASE
-)
-
-
-def _augmentation_evidence(manifest: pd.DataFrame, near_table: pd.DataFrame) -> dict:
-    """Shares of files whose name says they are augmented copies, of exact copies and of near duplicates.
-
-    Several files per group alone is no flaw (a subject contributes several levels); copies are.
-    Near duplicates are reported but are not evidence on their own: 64-bit perceptual hashes of
-    axial neck CT slices are alike (dark field, one round neck), so unrelated slices cluster too.
-    """
-    names = manifest["path"].map(lambda p: Path(p).stem)
-    named = float(names.str.contains(_AUGMENT_WORDS).mean())
-    exact = float(manifest.duplicated("sha256", keep=False).mean())
-    near = float(near_table["n_files"].sum() / len(manifest)) if len(near_table) else 0.0
-    return {
-        "augmented_name_share": round(named, 4),
-        "exact_duplicate_share": round(exact, 4),
-        "near_duplicate_share": round(near, 4),
-    }
-
-
-def _fill_sizes(manifest: pd.DataFrame) -> None:
-    """Make sure ``width``, ``height`` and ``mode`` exist (read from the file headers if missing)."""
-    if {"width", "height", "mode"} <= set(manifest.columns):
-        return
-    from PIL import Image  # noqa: PLC0415
-
-    info = []
-    for p in manifest["path"]:
-        try:
-            with Image.open(p) as im:
-                info.append((im.width, im.height, im.mode))
-        except OSError:
-            info.append((0, 0, "?"))
-    manifest["width"], manifest["height"], manifest["mode"] = zip(*info)
-
-
-def _class_warnings(manifest: pd.DataFrame, labels: list[str]) -> list[str]:
-    out = []
-    if len(labels) < 2:
-        out.append(
-            f"only one class present ({labels[0] if labels else 'none'}): nothing to classify; "
-            "the shortcut check is skipped."
-        )
-        return out
-    counts = manifest["label"].value_counts()
-    share = counts.min() / counts.sum()
-    if share < MIN_MINORITY_SHARE:
-        out.append(
-            f"class imbalance: {counts.idxmin()} is {share:.0%} of the files ({counts.min()} of "
-            f"{counts.sum()}); accuracy is misleading - report sensitivity, specificity and AUC."
-        )
-    for split, part in manifest[manifest["split"] != ""].groupby("split"):
-        missing = sorted(set(labels) - set(part["label"]))
-        if missing:
-            out.append(f"split '{split}' has no {', '.join(missing)} images.")
-    return out
-
-
-def _size_warnings(manifest: pd.DataFrame, sizes: pd.DataFrame) -> list[str]:
-    """Warn when image size/mode is associated with the class (chi-square, Cramér's V)."""
-    from scipy.stats import chi2_contingency  # noqa: PLC0415
-
-    labels = [c for c in sizes.columns if c not in ("size", "mode", "total", "only_in")]
-    if len(labels) < 2 or len(sizes) < 2:
-        return []
-    table = sizes[labels].to_numpy()
-    table = table[table.sum(axis=1) > 0]
-    chi2, p, _, _ = chi2_contingency(table)
-    v = math.sqrt(chi2 / (table.sum() * (min(table.shape) - 1)))
-    if p < 0.01 and v >= 0.3:
-        exclusive = sizes[sizes["only_in"] != ""]
-        detail = "; ".join(
-            f"{r.size} {r.mode} only in {r.only_in} ({r.total} files)" for r in exclusive.head(4).itertuples()
-        )
-        return [
-            f"image size/mode depends on the class (Cramér's V {v:.2f}, chi-square p = {p:.1g})"
-            + (f": {detail}" if detail else "")
-            + ". A network can read the label from size, padding or "
-            "colour mode; resize and convert all images the same way and check the classes match."
-        ]
-    return []
-
-
+# Text helpers
 def _joined(values: pd.Series) -> str:
     return ",".join(sorted({str(v) if str(v) else "(none)" for v in values}))
 
@@ -888,25 +587,13 @@ def _indent(text: str, by: str = "    ") -> str:
     return "\n".join(by + line for line in text.splitlines())
 
 
+def _head(table: pd.DataFrame, n: int, what: str = "") -> list[str]:
+    """The first ``n`` rows of a table, indented, and how many more there are."""
+    lines = [_indent(table.head(n).to_string(index=False) if len(table) else "(none)")]
+    return lines + ([f"    ... {len(table) - n} more {what}".rstrip()] if len(table) > n else [])
+
+
 def _records(table: pd.DataFrame) -> list[dict]:
     if table.index.name is not None or isinstance(table.index, pd.MultiIndex):
         table = table.reset_index()
-    table = table.astype(object).where(pd.notna(table), None)
-    return table.to_dict(orient="records")
-
-
-def _plain(obj):
-    """Convert NumPy scalars, tuples and NaN to plain JSON types, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
+    return table.astype(object).where(pd.notna(table), None).to_dict(orient="records")

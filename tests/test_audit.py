@@ -133,6 +133,13 @@ def test_kaggle_fixture_raises_the_shortcut_alarm(kaggle):
     assert "ALARM" in text and "Cross-split leakage" in text
 
 
+def test_text_report_shows_no_machine_path(kaggle):
+    text = str(kaggle["report"])
+    assert text == kaggle["report"].to_text()
+    assert text.startswith("Dataset audit: …/") and str(kaggle["root"].parent) not in text
+    assert "not a flaw by itself" in text, "near-duplicate clusters are explained beside their count"
+
+
 def test_report_is_deterministic(kaggle):
     again = audit.audit_dataset(kaggle["root"], seed=0)
     assert again.to_dict() == kaggle["report"].to_dict()
