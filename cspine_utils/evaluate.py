@@ -835,7 +835,10 @@ def plot_subgroups(table: pd.DataFrame) -> Figure:
     for ax, var in zip(axes[0], variables):
         part = table[table["variable"] == var].reset_index(drop=True)
         cells = [f"{v}\nn={n}" for v, n in zip(part["value"], part["n"])]
-        long = pd.concat([pd.DataFrame({"cell": cells, "metric": m, "value": part[m].astype(float)}) for m in metrics])
+        long = pd.concat(
+            [pd.DataFrame({"cell": cells, "metric": m, "value": part[m].astype(float)}) for m in metrics],
+            ignore_index=True,
+        )
         sns.barplot(long, x="cell", y="value", hue="metric", hue_order=metrics, order=cells, errorbar=None, ax=ax)
         for offset, m in zip((-0.2, 0.2), metrics):  # seaborn's dodge: width 0.8 split in two
             values = part[m].to_numpy(dtype=float)

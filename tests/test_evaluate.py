@@ -464,6 +464,39 @@ def test_plots_return_figures():
         plt.close(fig)
 
 
+def test_subgroup_plot_of_a_small_test_split():
+    """The smoke course's test split: one to seven cases per cell, metrics undefined in many cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(
+        {
+            "level": ["C2", "C2", "C3", "C3", "C4", "C4", "C5", "C5", "C6", "C6"],
+            "fracture_type": [
+                "none",
+                "burst",
+                "none",
+                "none",
+                "none",
+                "none",
+                "none",
+                "posterior",
+                "none",
+                "posterior",
+            ],
+            "difficulty": ["", "0.5", "", "", "", "", "", "0.5", "", "0.5"],
+        }
+    )
+    df = df.assign(y=(df["fracture_type"] != "none").astype(int), p=np.linspace(0.1, 0.9, 10))
+    table = evaluate.subgroup_table(df, 0.5)
+    fig = evaluate.plot_subgroups(table)
+    assert [ax.get_title() for ax in fig.axes] == ["fracture_type", "difficulty", "level"]
+    assert [t.get_text() for t in fig.axes[2].get_xticklabels()] == [f"C{k}\nn=2" for k in range(2, 7)]
+    plt.close(fig)
+
+
 def test_confusion_heatmap_shows_the_counts():
     import matplotlib
 
