@@ -1,6 +1,6 @@
 # Cervical-spine CT fracture course: one-command set-up, run and test.
 #   make run    generate the default synthetic dataset, execute notebooks 01-06, render report/
-#   make test   run every test (creates .venv and installs everything on first use)
+#   make test   run every test, then nbval on the notebooks (creates .venv and installs everything on first use)
 # Variables: PROFILE=smoke|cpu|gpu  DATA_DIR=path  PYTHON=python3  RUN_ARGS="--from 04"
 
 PYTHON   ?= python3
@@ -41,12 +41,14 @@ run: data
 
 test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory nbval
 
-# nbval's own run of the notebooks (a second execution; `make test` checks the same cells on its
-# single smoke run of the course): outputs of cells marked NBVAL_CHECK_OUTPUT must match.
+# nbval runs every notebook in the smoke profile (artifacts in a temporary folder): each cell must
+# run, and the cells marked NBVAL_CHECK_OUTPUT must print exactly what the stored notebook shows.
 nbval: $(STAMP)
-	tmp=$$(mktemp -d) && CSPINE_PROFILE=smoke CSPINE_ARTIFACTS=$$tmp/artifacts CSPINE_REPORT_DIR=$$tmp/report \
-	  $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks/
+	@tmp=$$(mktemp -d) && echo "nbval: notebooks/ in the smoke profile (artifacts in $$tmp)" && \
+	  CSPINE_PROFILE=smoke CSPINE_ARTIFACTS=$$tmp/artifacts CSPINE_REPORT_DIR=$$tmp/report \
+	  $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks/; status=$$?; rm -rf "$$tmp"; exit $$status
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)

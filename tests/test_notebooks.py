@@ -5,7 +5,11 @@ folder. That single execution serves three checks:
 * nbval-style output checks: cells marked ``# NBVAL_CHECK_OUTPUT`` must print exactly what the
   stored notebook shows (the same rule as ``pytest --nbval-lax notebooks/``, which `make nbval`
   runs as a second, optional execution);
-* the hand-over of products between notebooks (manifest, split, bundles, metrics).
+* the hand-over of products between notebooks (manifest, split, bundles, metrics), and that the
+  products make sense: the metrics count exactly the test split, and the saved bundles load and
+  reproduce them.
+
+nbval's own run of the notebooks (`make nbval`, part of `make test`) checks the same cells again.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import json
 
 import nbformat
+import numpy as np
 import papermill
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from cspine_utils import config, data, phantom, report
+from cspine_utils import config, data, evaluate, modelbundle, phantom, pipeline, report
 
 NOTEBOOKS = config.repo_root() / "notebooks"
 COURSE = [p.stem for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))]
@@ -114,6 +120,33 @@ def test_products_are_handed_over(course):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["cnn", "vgg16"])
+def test_metrics_count_the_test_split_and_the_saved_bundle_reproduces_them(course, model):
+    root, *_ = course
+    art = root / "artifacts"
+    split = data.load_manifest(art / "data" / "manifest.csv")
+    test_rows = split[split["split"] == "test"]
+    y_test = pipeline.label_to_int(test_rows["label"])
+    metrics = evaluate.load_metrics(art / "metrics" / f"{model}.json")
+    assert metrics["counts"]["n"] == len(test_rows) > 0
+    assert metrics["counts"]["n_positive"] == int(y_test.sum()) > 0
+    assert metrics["counts"]["n_groups"] == test_rows["group"].nunique()
+    bundle = modelbundle.load_bundle(art / "models" / model)
+    p_test = bundle.predict_files(test_rows["path"])
+    assert p_test.shape == (len(test_rows),) and np.all((p_test >= 0) & (p_test <= 1))
+    assert metrics["threshold_free"]["roc_auc"]["value"] == pytest.approx(roc_auc_score(y_test, p_test), abs=1e-6)
+    for name, point in metrics["operating_points"].items():
+        called = p_test >= point["threshold"]
+        counts = {
+            "tp": int(np.sum(called & (y_test == 1))),
+            "fp": int(np.sum(called & (y_test == 0))),
+            "tn": int(np.sum(~called & (y_test == 0))),
+            "fn": int(np.sum(~called & (y_test == 1))),
+        }
+        assert {k: point[k] for k in counts} == counts, f"{model} {name}"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", COURSE)
 def test_checked_outputs_match_the_stored_notebook(course, name):
     """nbval's rule for cells marked NBVAL_CHECK_OUTPUT, on the single smoke execution."""
@@ -154,7 +187,9 @@ def test_a_notebook_run_before_its_predecessor_names_it(tmp_path, monkeypatch):
 
 
 def test_papermill_lists_each_notebooks_parameters():
-    """What `papermill --help-notebook` prints comes from the tagged parameters cell."""
+    """What `papermill --help-notebook` prints comes from the tagged parameters cell; only notebook 01
+    chooses the data (the others start from its products), so only it takes DATA_DIR."""
     for name in COURSE:
-        params = papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb"))
-        assert {"PROFILE", "DATA_DIR", "SEED"} <= set(params), name
+        params = set(papermill.inspect_notebook(str(NOTEBOOKS / f"{name}.ipynb")))
+        assert {"PROFILE", "SEED"} <= params, name
+        assert ("DATA_DIR" in params) == name.startswith("01_"), name
