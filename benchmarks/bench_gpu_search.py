@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import numpy as np
 
-    from cspine_utils import hardware, models, tuning, vggnet
+    from cspine_utils import course, hardware, tuning
 
     figures: dict = {
         "backend": keras.backend.backend(),
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["dtype_policy"] = policy
     if not args.throughput_only:
         _search(args, prof, size, manifest, work, figures, tuning)
-    _throughput(args, size, figures, models, vggnet, np)
+    _throughput(args, size, figures, course, keras, np)
     print(json.dumps(figures))
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))
@@ -96,7 +96,6 @@ def _search(args, prof, size, manifest, work, figures, tuning) -> None:
         copies=2,
         cache_dir=work / "cache",
         distribution_strategy=None,
-        mixed_precision=False,
         hypermodel_options={"unfreeze_blocks": (0,)},
     )
     figures["search_s"] = round(time.perf_counter() - t0, 1)
@@ -117,9 +116,9 @@ def _search(args, prof, size, manifest, work, figures, tuning) -> None:
     )
 
 
-def _throughput(args, size, figures, models, vggnet, np) -> None:
+def _throughput(args, size, figures, course, keras, np) -> None:
     """Images/s of the frozen base (forward) and of fine-tuning block 5 (forward + backward)."""
-    model, _ = vggnet.build_vgg16_classifier(size, weights=args.weights)
+    model, _ = course.build_vgg16_classifier(size, args.weights)
     rng = np.random.default_rng(0)
     x = rng.random((args.finetune_images, size, size, 1), dtype=np.float32)
     y = (rng.random(args.finetune_images) < 0.3).astype(np.float32)
@@ -127,8 +126,10 @@ def _throughput(args, size, figures, models, vggnet, np) -> None:
     t0 = time.perf_counter()
     model.predict(x, batch_size=64, verbose=0)
     figures["forward_img_per_s"] = round(len(x) / (time.perf_counter() - t0), 1)
-    vggnet.set_vgg_trainable(model, 1)
-    models.compile_binary_classifier(model, 1e-5, "adam")
+    course.unfreeze_top_blocks(model, 1)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-5), loss="binary_crossentropy", metrics=course.classifier_metrics()
+    )
     model.fit(x[:128], y[:128], batch_size=32, epochs=1, verbose=0)  # compile first
     t0 = time.perf_counter()
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)

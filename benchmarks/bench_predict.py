@@ -5,7 +5,7 @@ Budgets (VGG16 bundle of the ``cpu`` profile, 96 px, on a CPU):
     prediction per image after the model is loaded                     <= 200 ms
 
 Uses ``artifacts/models/vgg16`` when it exists; otherwise builds an *untrained* VGG16 classifier
-(``vggnet.build_vgg16_classifier(96, weights=None)``; weights do not change the speed) and saves
+(``course.build_vgg16_classifier(96, weights=None)``; weights do not change the speed) and saves
 it as a bundle in a temporary folder, and says so. Each figure is the median of ``--runs``
 (default 20) runs after one warm-up.
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras  # noqa: PLC0415
     import tensorflow as tf  # noqa: PLC0415
 
-    from cspine_utils import gui, hardware, modelbundle, predict, vggnet  # noqa: PLC0415
+    from cspine_utils import course, gui, hardware, modelbundle, predict  # noqa: PLC0415
 
     t_import = time.perf_counter() - t0
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {hardware.describe_device()}")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             f"bundle: no trained VGG16 bundle at {bundle_dir}; building an UNTRAINED VGG16 "
             f"classifier ({SIZE} px, weights=None) - same architecture, so the same speed"
         )
-        model, info = vggnet.build_vgg16_classifier(SIZE, weights=None)
+        model, info = course.build_vgg16_classifier(SIZE, weights=None)
         bundle_dir = modelbundle.save_bundle(
             model,
             Path(tmp.name) / "models" / "vgg16",
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import subprocess  # noqa: PLC0415
 
     code = (
-        "import time, keras; from cspine_utils import hardware, modelbundle, models, vggnet; t = time.perf_counter(); "
+        "import time, keras; from cspine_utils import course, hardware, modelbundle; t = time.perf_counter(); "
         f"modelbundle.load_bundle({str(bundle_dir)!r}); print(time.perf_counter() - t)"
     )
     cold = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -11,12 +11,12 @@ optimizer, learning rate, augmentation strength, batch size; base frozen, i.e.
 ``data.choose_split``), ``--epochs`` epochs each, in one process (trial 1 cached, trial 1
 naive, trial 2 cached, ..., so that changes in the load of a shared machine hit both sides):
 
-* **naive**: the full classifier of ``vggnet.build_vgg16_classifier`` with its base frozen, fed
+* **naive** (notebook 04's plain search): the classifier of ``course.build_vgg16_classifier``, base frozen, fed
   images already decoded in memory (shuffled, batched and augmented at the trial's strength with
   ``pipeline.augmentation_layers``), so VGG16 runs again over every training and validation
   image in every epoch;
 * **cached**: ``tuning.VGGHyperModel.build`` + ``fit``, which trains the head alone on the
-  512 pooled features per image that ``tuning.FeatureCache`` computed once: the images as they
+  1024 pooled features per image that ``tuning.FeatureCache`` computed once: the images as they
   are, and ``--copies`` augmented copies per augmentation strength used (epoch ``e`` uses copy
   ``e mod copies``).
 
@@ -47,7 +47,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
 
-from cspine_utils import cli, data, hardware, models, pretrained, tuning, vggnet  # noqa: E402
+import keras_tuner  # noqa: E402
+
+from cspine_utils import cli, course, data, hardware, pretrained, tuning  # noqa: E402
 
 TARGET_RATIO = 10.0
 
@@ -100,22 +102,18 @@ def naive_trial(values: dict, arrays, image_size: int, info: pretrained.WeightsI
     import keras  # noqa: PLC0415
 
     x_train, y_train, x_val, y_val = arrays
-    model, _ = vggnet.build_vgg16_classifier(
-        image_size, weights=info, head_units=values["head_units"], dropout=values["dropout"]
-    )
-    vggnet.set_vgg_trainable(model, 0)
+    model, _ = course.build_vgg16_classifier(image_size, info, values["head_units"], values["dropout"])
     tuning.compile_for_search(model, values["lr_head"], values["optimizer"])
-    train = tuning._image_dataset(
-        x_train, y_train, values["batch_size"], training=True, augment_strength=values["augment_strength"], seed=seed
-    )
-    val = tuning._image_dataset(x_val, y_val, values["batch_size"], training=False)
+    strength = values["augment_strength"]
+    train = tuning.image_dataset(x_train, y_train, values["batch_size"], training=True, strength=strength, seed=seed)
+    val = tuning.image_dataset(x_val, y_val, values["batch_size"], training=False)
     history = model.fit(
         train,
         validation_data=val,
         epochs=epochs,
         shuffle=False,
         verbose=0,
-        class_weight=models.class_weights_from_labels(y_train),
+        class_weight=course.balanced_class_weights(y_train),
     )
     del model
     keras.backend.clear_session()
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             root = args.data.expanduser()
         manifest, _ = data.choose_split(data.discover(root).manifest, seed=args.seed)
-        tuning_data = tuning.TuningData.from_manifest(manifest, size)
+        tuning_data = tuning.TuningData(manifest, size)
         arrays = tuning_data.arrays()  # decoded once, for both sides; not timed
 
     with warnings.catch_warnings():
@@ -168,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     # -- the trials, cached and naive in turn (so a change in machine load hits both) ----------
     cached_times, cached_auc, naive_times, naive_auc = [], [], [], []
     for values in trials:
-        hp = tuning.hyperparameters_from_values(hypermodel, {**values, "unfreeze_blocks": 0})
+        hp = keras_tuner.HyperParameters()
+        hypermodel.hyperparameter_values(hp)  # declare the space, then set this trial's values
+        hp.values.update({**values, "unfreeze_blocks": 0})
         keras.backend.clear_session()
         t0 = time.perf_counter()
         head = hypermodel.build(hp)

@@ -36,13 +36,15 @@ def measure(policy: str, batches: int, batch_size: int) -> dict:
     import keras
     import numpy as np
 
-    from cspine_utils import models, vggnet
+    from cspine_utils import course
 
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    model, _ = vggnet.build_vgg16_classifier(SIZE, weights=None)
-    vggnet.set_vgg_trainable(model, UNFROZEN_BLOCKS)
-    models.compile_binary_classifier(model, 1e-4, "adam")
+    model, _ = course.build_vgg16_classifier(SIZE, weights=None)
+    course.unfreeze_top_blocks(model, UNFROZEN_BLOCKS)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy", metrics=course.classifier_metrics()
+    )
     rng = np.random.default_rng(0)
     n = batches * batch_size
     x = rng.uniform(0, 1, (n, SIZE, SIZE, 1)).astype("float32")

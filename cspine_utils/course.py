@@ -8,6 +8,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from cspine_utils import modelbundle, pretrained
+
 
 # notebooks/03_cnn_training.ipynb, cell 10
 def build_cnn(image_size, filters=(32, 64, 128, 192), convs_per_block=None, dropout=0.3, name="cnn"):
@@ -86,3 +88,89 @@ def balanced_class_weights(labels):
     if counts.min() == 0:
         raise ValueError(f"both classes are needed for class weights; counts (normal, fracture) = {counts.tolist()}")
     return {c: float(labels.size / (2 * counts[c])) for c in (0, 1)}
+
+
+# notebooks/04_vgg_finetuning_tuner.ipynb, cell 9
+def add_vgg_head(features, head_units=128, dropout=0.4):
+    """Our head on pooled VGG16 features (B, F): batch norm -> dense (ReLU) -> dropout -> sigmoid, output (B, 1)."""
+    x = keras.layers.BatchNormalization(momentum=0.9, name="head_norm")(features)
+    x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=modelbundle.OUTPUT_LAYER)(x)
+
+
+# notebooks/04_vgg_finetuning_tuner.ipynb, cell 10
+def build_vgg16_classifier(image_size, weights="auto", head_units=128, dropout=0.4, name="vgg16"):
+    """VGG16's convolutions and our head for gray slices (B, S, S, 1) in [0, 1] -> (B, 1) fracture probability.
+
+    Returns the model, its base frozen, and the WeightsInfo that says where the convolutions came from.
+    """
+    if image_size < pretrained.VGG16_MIN_SIZE:
+        raise ValueError(f"image_size must be at least {pretrained.VGG16_MIN_SIZE} px for VGG16, got {image_size}")
+    info = pretrained.resolve_vgg16_weights(weights)
+    image = keras.Input((image_size, image_size, 1), name="image")
+    rgb = keras.layers.Concatenate(name="gray_to_rgb", dtype="float32")([image] * 3)
+    offset = [-mean for mean in pretrained.VGG16_BGR_MEAN]  # x 255, minus the ImageNet means (BGR)
+    x = keras.layers.Rescaling(255.0, offset=offset, name="vgg_preprocess", dtype="float32")(rgb)
+    base = keras.applications.VGG16(include_top=False, weights=None, input_tensor=x)
+    pretrained.load_vgg16_weights(base, info)
+    base.trainable = False  # phase 1: only the head learns
+    block4 = keras.layers.GlobalAveragePooling2D(name="block4_gap")(base.get_layer("block4_pool").output)
+    block5 = keras.layers.GlobalAveragePooling2D(name="block5_gap")(base.output)
+    pooled = keras.layers.Concatenate(name="avg_pool")([block4, block5])
+    return keras.Model(image, add_vgg_head(pooled, head_units, dropout), name=name), info
+
+
+# notebooks/04_vgg_finetuning_tuner.ipynb, cell 15
+def unfreeze_top_blocks(model, n_blocks):
+    """Phase 2: VGG16's top `n_blocks` blocks trainable (1: block 5; 3: blocks 3-5), the lower ones frozen.
+
+    Returns the names of the trainable convolutions. Recompile afterwards: Keras reads `trainable` at compile.
+    """
+    if not 0 <= n_blocks <= 5:
+        raise ValueError(f"unfreeze_blocks must be an integer from 0 to 5, got {n_blocks!r}")
+    if not set(pretrained.VGG16_CONV_LAYERS) <= {layer.name for layer in model.layers}:
+        raise ValueError(f"model {model.name!r} has no VGG16 convolution layers (block1_conv1 ... block5_conv3)")
+    for block, layer_names in pretrained.VGG16_BLOCKS.items():
+        for layer_name in layer_names:
+            model.get_layer(layer_name).trainable = block > 5 - n_blocks
+    return [name for name in pretrained.VGG16_CONV_LAYERS if model.get_layer(name).trainable]
+
+
+# notebooks/04_vgg_finetuning_tuner.ipynb, cell 18
+def make_optimizer(name, learning_rate):
+    """ "adam", "sgd" (momentum 0.9) or "rmsprop" with the given learning rate."""
+    optimizers = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    key = str(name).strip().lower()
+    if key not in optimizers:
+        raise ValueError(f"unknown optimizer {name!r}; choose 'adam', 'sgd' or 'rmsprop'")
+    extra = {"momentum": 0.9} if key == "sgd" else {}
+    return optimizers[key](learning_rate=learning_rate, **extra)
+
+
+def head_hyperparameters(hp):
+    """Declare the head's search space in a keras_tuner.HyperParameters and return this trial's values."""
+    return {
+        "head_units": hp.Choice("head_units", [64, 128, 256]),
+        "dropout": hp.Float("dropout", 0.2, 0.6, step=0.1),
+        "optimizer": hp.Choice("optimizer", ["adam", "sgd", "rmsprop"]),
+        "lr_head": hp.Float("lr_head", 1e-4, 3e-3, sampling="log"),
+    }
+
+
+# notebooks/04_vgg_finetuning_tuner.ipynb, cell 25
+def build_head(head_units=128, dropout=0.4, features=1024):
+    """The head of build_vgg16_classifier as a model on pooled features (B, 1024) -> (B, 1), for cached features."""
+    inputs = keras.Input((features,), name="features")
+    return keras.Model(inputs, add_vgg_head(inputs, head_units, dropout), name="vgg16_head")
+
+
+def transplant_head(head, classifier):
+    """Copy the head's layers (same names) into the full classifier and return it; shapes must match."""
+    for name in ("head_norm", "head_dense", modelbundle.OUTPUT_LAYER):
+        source, target = head.get_layer(name), classifier.get_layer(name)
+        shapes, expected = [w.shape for w in source.get_weights()], [tuple(w.shape) for w in target.weights]
+        if shapes != expected:
+            raise ValueError(f"{name}: the head has weights {shapes}, the classifier {expected}; same head_units?")
+        target.set_weights(source.get_weights())
+    return classifier

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cspine_utils import course, data, explain, phantom, pipeline, vggnet
+from cspine_utils import course, data, explain, phantom, pipeline
 
 SIZE = 32
 SQUARE = 6
@@ -41,8 +41,8 @@ def test_gradcam_of_the_course_vgg_uses_block4_conv3():
     """Its head reads pooled block 4 and block 5: block4_conv3 is the deepest layer that carries
     all of the evidence, and both agree on which layer that is."""
     keras.utils.set_random_seed(0)
-    model, _ = vggnet.build_vgg16_classifier(SIZE, weights=None)
-    assert explain.gradcam_layer_name(model) == vggnet.gradcam_layer_name(model) == "block4_conv3"
+    model, _ = course.build_vgg16_classifier(SIZE, weights=None)
+    assert explain.gradcam_layer_name(model) == "block4_conv3"
     heat = explain.gradcam(model, _images(2))
     assert heat.shape == (2, SIZE, SIZE)
     assert 0.0 <= heat.min() and heat.max() <= 1.0

