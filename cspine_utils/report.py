@@ -127,9 +127,11 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
 
 
 def _execute(nb: Path, out: Path, parameters: dict) -> float:
-    """Run one notebook into ``out`` with papermill; its wall time in seconds, or :class:`NotebookFailed`."""
+    """Run one notebook into ``out`` with papermill (passing only the ``parameters`` it declares); its
+    wall time in seconds, or :class:`NotebookFailed`."""
     import papermill  # noqa: PLC0415
 
+    parameters = {k: v for k, v in parameters.items() if k in papermill.inspect_notebook(str(nb))}
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
