@@ -1,137 +1,169 @@
-"""Device and numeric precision: what TensorFlow runs on, mixed precision, float32 bundles."""
+"""Device and numeric precision: where TensorFlow trains, which dtype policy pays, float32 bundles."""
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
+import re
+import statistics
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from . import records
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
 
-__all__ = [
-    "describe_device",
-    "cpu_has_native_bfloat16",
-    "MIXED_PRECISION_ENV",
-    "mixed_precision_policy",
-    "enable_mixed_precision",
-    "compute_dtypes",
-    "as_float32",
-]
+__all__ = ["describe_device", "cpu_has_native_bfloat16", "MIXED_PRECISION_ENV", "MIN_BFLOAT16_SPEEDUP"]
+__all__ += ["precision_cache_file", "machine_key", "measure_bfloat16_speedup", "choose_cpu_policy"]
+__all__ += ["precision_choice", "enable_mixed_precision", "compute_dtypes", "as_float32"]
+
+MIXED_PRECISION_ENV = "CSPINE_MIXED_PRECISION"  #: ``off`` (float32), ``on`` (16-bit) or ``auto`` (measure)
+MIN_BFLOAT16_SPEEDUP = 1.2  #: bfloat16 on a CPU only when a measured fine-tuning step is this much faster
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 flags; "bf16" is the aarch64 feature
 
 
 def _gpu_devices() -> list:
-    """GPUs visible to the Keras backend in use (TensorFlow, JAX or PyTorch)."""
-    import keras  # noqa: PLC0415
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax  # noqa: PLC0415
-
-        return [d for d in jax.devices() if d.platform == "gpu"]
-    if backend == "torch":
-        import torch  # noqa: PLC0415
-
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    """GPUs visible to TensorFlow."""
     import tensorflow as tf  # noqa: PLC0415
 
     return list(tf.config.list_physical_devices("GPU"))
 
 
 def describe_device() -> str:
-    """One line saying where TensorFlow will train: the GPUs found, or CPU only.
-
-    Returns
-    -------
-    str
-        E.g. ``"GPU: 1 found (NVIDIA H100 80GB HBM3); TensorFlow 2.21.0"`` or
-        ``"CPU only: no GPU visible to TensorFlow 2.21.0; 2 CPU cores"``.
-    """
-    import keras  # noqa: PLC0415
-
-    backend = keras.backend.backend()
-    if backend != "tensorflow":  # e.g. the JAX backend on a machine without TensorFlow
-        gpus = _gpu_devices()
-        kinds = ", ".join(sorted({str(getattr(g, "device_kind", g)) for g in gpus}))
-        found = f"GPU: {len(gpus)} found ({kinds})" if gpus else "CPU only: no GPU visible"
-        return f"{found}; Keras {keras.__version__} on the {backend} backend; {os.cpu_count()} CPU cores"
+    """Where training runs, e.g. ``"CPU only: no GPU visible to TensorFlow 2.21.0; 2 CPU cores"`` or
+    ``"GPU: 1 found (NVIDIA H100 80GB HBM3); TensorFlow 2.21.0"``."""
     import tensorflow as tf  # noqa: PLC0415
 
     gpus = _gpu_devices()
     if not gpus:
         return f"CPU only: no GPU visible to TensorFlow {tf.__version__}; {os.cpu_count()} CPU cores"
-    names = []
-    for gpu in gpus:
-        try:
-            details = tf.config.experimental.get_device_details(gpu)
-        except Exception:  # noqa: BLE001 - details are optional
-            details = {}
-        names.append(str(details.get("device_name") or getattr(gpu, "name", gpu)))
-    return f"GPU: {len(gpus)} found ({', '.join(names)}); TensorFlow {tf.__version__}"
+    names = ", ".join(str(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)) for gpu in gpus)
+    return f"GPU: {len(gpus)} found ({names}); TensorFlow {tf.__version__}"
 
 
-#: Environment variable that switches mixed precision off (``0``/``off``/``false``/``no``).
-MIXED_PRECISION_ENV = "CSPINE_MIXED_PRECISION"
-
-
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_has_native_bfloat16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """True when the CPU computes bfloat16 natively (x86 flags ``avx512_bf16`` or ``amx_bf16``).
-
-    Read from ``/proc/cpuinfo`` (Linux). Elsewhere, or when the file cannot be read, False: the
-    safe answer, since emulated bfloat16 is *slower* than float32.
-    """
+def _cpuinfo_field(name: str, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
+    """The first value of a ``/proc/cpuinfo`` field (Linux), or None when absent or unreadable."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return any(flag in flags for flag in _CPU_BF16_FLAGS)
-    return False
+        return None
+    found = re.search(rf"^{name}\s*:(.*)$", text, re.MULTILINE)
+    return found.group(1).strip() if found else None
 
 
-def mixed_precision_policy() -> str:
-    """The Keras dtype policy this machine trains VGG16 fastest with, without losing accuracy.
-
-    * ``"mixed_float16"`` with a GPU (tensor cores; Keras scales the loss);
-    * ``"mixed_bfloat16"`` on a CPU with native bfloat16 (:func:`cpu_has_native_bfloat16`).
-      On the 2-core AMD EPYC this course is tested on, VGG16 at 96 px fine-tunes (blocks 3-5)
-      1.7-2.1x and predicts 1.2-3.2x faster than in float32
-      (``benchmarks/bench_vgg_precision.py``; the float32 prediction figure is noisy there);
-    * ``"float32"`` otherwise, or when ``CSPINE_MIXED_PRECISION`` is ``0``/``off``/``false``/``no``.
-
-    Weights stay float32 under both mixed policies; only the arithmetic is 16-bit.
-    """
-    if os.environ.get(MIXED_PRECISION_ENV, "").strip().lower() in ("0", "off", "false", "no"):
-        return "float32"
-    if _gpu_devices():
-        return "mixed_float16"
-    if cpu_has_native_bfloat16():
-        return "mixed_bfloat16"
-    return "float32"
+def cpu_has_native_bfloat16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """True when the CPU has bfloat16 instructions (``avx512_bf16``/``amx_bf16``; aarch64 ``bf16``), as
+    ``/proc/cpuinfo`` says; else False. Needed for bfloat16 to pay, not enough: then it is measured."""
+    flags = _cpuinfo_field("flags", cpuinfo) or _cpuinfo_field("Features", cpuinfo) or ""
+    return any(flag in flags.split() for flag in _CPU_BF16_FLAGS)
 
 
-def enable_mixed_precision() -> str:
-    """Set Keras's global dtype policy to :func:`mixed_precision_policy` and return its name.
+def precision_cache_file() -> Path:
+    """Where measured decisions are kept: ``$XDG_CACHE_HOME/cspine/precision.json`` (default ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cspine" / "precision.json"
 
-    Models built afterwards compute in 16 bits except their output layer, which both builders
-    keep in float32 for a stable sigmoid and loss. Call it before building models; a bundle is
-    always saved in float32 (:func:`as_float32`), so what predicts later does not depend on the
-    machine that trained.
 
-    Returns
-    -------
-    str
-        ``"mixed_float16"``, ``"mixed_bfloat16"`` or ``"float32"``.
-    """
+def machine_key() -> str:
+    """What a measurement depends on: CPU model, core count and TensorFlow version."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    return f"{model} | {os.cpu_count()} cores | TensorFlow {tf.__version__}"
+
+
+def _proxy_model(policy: str, size: int) -> keras.Model:
+    """VGG16's blocks 3-5 at 96 px, one conv each, seeded (no draw from the global random state)."""
     import keras  # noqa: PLC0415
 
-    policy = mixed_precision_policy()
+    conv = functools.partial(keras.layers.Conv2D, kernel_size=3, padding="same", activation="relu", dtype=policy)
+    pool, seeded = functools.partial(keras.layers.MaxPooling2D, dtype=policy), keras.initializers.GlorotUniform
+    layers = [keras.Input((size, size, 128)), conv(256, kernel_initializer=seeded(0)), pool()]
+    layers += [conv(512, kernel_initializer=seeded(1)), pool(), conv(512, kernel_initializer=seeded(2))]
+    layers += [keras.layers.GlobalAveragePooling2D(dtype=policy)]
+    model = keras.Sequential([*layers, keras.layers.Dense(1, "sigmoid", kernel_initializer=seeded(3), dtype="float32")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")
+    return model
+
+
+def measure_bfloat16_speedup(batch_size: int = 16, rounds: int = 5, size: int = 24) -> dict[str, float]:
+    """``float32_s``, ``mixed_bfloat16_s`` (median seconds per fine-tuning step of ``batch_size`` images)
+    and ``speedup`` (their ratio), measured here in ~5 s on 2 cores: two warm-up steps each, then
+    ``rounds`` interleaved timed steps, so a burst of other load hits both. Leaves the global policy and
+    random state alone."""
+    import numpy as np  # noqa: PLC0415
+
+    x = np.random.default_rng(0).uniform(0.0, 1.0, (batch_size, size, size, 128)).astype("float32")
+    y = (np.arange(batch_size) % 2).astype("float32")
+    models = {policy: _proxy_model(policy, size) for policy in ("float32", "mixed_bfloat16")}
+    seconds: dict[str, list[float]] = {policy: [] for policy in models}
+    for step in range(2 + rounds):
+        for policy, model in models.items():
+            t0 = time.perf_counter()
+            model.train_on_batch(x, y)
+            if step >= 2:
+                seconds[policy].append(time.perf_counter() - t0)
+    f32, bf16 = statistics.median(seconds["float32"]), statistics.median(seconds["mixed_bfloat16"])
+    return {"float32_s": f32, "mixed_bfloat16_s": bf16, "speedup": f32 / bf16}
+
+
+def choose_cpu_policy(measured: dict[str, float], min_speedup: float = MIN_BFLOAT16_SPEEDUP) -> str:
+    """``"mixed_bfloat16"`` when ``measured`` (as :func:`measure_bfloat16_speedup` returns) shows a step
+    at least ``min_speedup`` times faster than float32, else ``"float32"``."""
+    return "mixed_bfloat16" if measured["float32_s"] >= min_speedup * measured["mixed_bfloat16_s"] else "float32"
+
+
+def _measured_cpu_choice(cache_file: Path) -> tuple[str, str]:
+    """The CPU decision for this :func:`machine_key`: from ``cache_file``, or measured and stored there."""
+    key = machine_key()
+    try:
+        cache = dict(records.read_json(cache_file))
+    except (OSError, ValueError, TypeError):  # absent or damaged: measured again and rewritten
+        cache = {}
+    measured, note = cache.get(key), "cached"
+    if not (isinstance(measured, dict) and {"float32_s", "mixed_bfloat16_s"} <= measured.keys()):
+        measured, note = measure_bfloat16_speedup(), "measured now"
+        records.write_json(cache_file, {**cache, key: measured})
+    ratio, shown = measured["float32_s"] / measured["mixed_bfloat16_s"], str(cache_file).replace(str(Path.home()), "~")
+    why = f"a fine-tuning step in mixed_bfloat16 ran {ratio:.2f}x as fast as in float32 on this CPU"
+    return choose_cpu_policy(measured), f"{why}; needs >= {MIN_BFLOAT16_SPEEDUP}x; {note}, {shown}"
+
+
+def precision_choice(cache_file: str | os.PathLike | None = None) -> tuple[str, str]:
+    """``(policy, why)``: the Keras dtype policy that trains VGG16 fastest here, and the reason in words.
+
+    ``CSPINE_MIXED_PRECISION=off``: float32; ``on``: 16-bit, unmeasured; ``auto`` (default): a GPU
+    ``mixed_float16``; a CPU with bfloat16 instructions ``mixed_bfloat16`` only if
+    :func:`measure_bfloat16_speedup` finds it :data:`MIN_BFLOAT16_SPEEDUP` x faster (2-core AMD EPYC
+    ~2x; 2-core Xeon with avx512_bf16, no AMX, 0.55x), measured once per machine and kept in
+    ``cache_file`` (default :func:`precision_cache_file`); float32 otherwise.
+    """
+    setting = os.environ.get(MIXED_PRECISION_ENV, "").strip().lower() or "auto"
+    if setting not in ("auto", "on", "off", "1", "0", "true", "false", "yes", "no"):
+        raise ValueError(f"{MIXED_PRECISION_ENV}={setting!r}: use on, off or auto (measure; the default)")
+    if setting in ("0", "off", "false", "no"):
+        return "float32", f"{MIXED_PRECISION_ENV}={setting}"
+    gpu = bool(_gpu_devices())
+    if setting != "auto":
+        return ("mixed_float16" if gpu else "mixed_bfloat16"), f"{MIXED_PRECISION_ENV}={setting}, not measured"
+    if gpu:
+        return "mixed_float16", "GPU: float16 tensor cores"
+    if not cpu_has_native_bfloat16():
+        return "float32", "this CPU has no bfloat16 instructions"
+    return _measured_cpu_choice(Path(cache_file) if cache_file is not None else precision_cache_file())
+
+
+def enable_mixed_precision(cache_file: str | os.PathLike | None = None, verbose: bool = True) -> str:
+    """Set Keras's global dtype policy to :func:`precision_choice` (before building models), print why,
+    return its name. Weights stay float32, and bundles are saved in float32 (:func:`as_float32`)."""
+    import keras  # noqa: PLC0415
+
+    policy, reason = precision_choice(cache_file)
     keras.mixed_precision.set_global_policy(policy)
+    if verbose:
+        print(f"precision: {policy} ({reason})")
     return policy
 
 
@@ -141,13 +173,12 @@ def _float32_policies(node: Any) -> Any:
         return [_float32_policies(v) for v in node]
     if not isinstance(node, dict):
         return node
-    out = {}
-    for key, value in node.items():
-        if key == "dtype" and isinstance(value, dict) and "Policy" in str(value.get("class_name", "")):
-            value = {**value, "config": {**value.get("config", {}), "name": "float32"}}
-        elif key == "dtype" and isinstance(value, str) and value.startswith("mixed_"):
-            value = "float32"
-        out[key] = _float32_policies(value)
+    out = {key: _float32_policies(value) for key, value in node.items()}
+    dtype = out.get("dtype")
+    if isinstance(dtype, dict) and "Policy" in str(dtype.get("class_name", "")):
+        out["dtype"] = {**dtype, "config": {**dtype.get("config", {}), "name": "float32"}}
+    elif isinstance(dtype, str) and dtype.startswith("mixed_"):
+        out["dtype"] = "float32"
     return out
 
 
@@ -157,12 +188,8 @@ def compute_dtypes(model: keras.Model) -> set[str]:
 
 
 def as_float32(model: keras.Model) -> keras.Model:
-    """The same model (architecture and weights) computing in float32 throughout.
-
-    A model trained under a mixed policy (:func:`enable_mixed_precision`) keeps float32 weights,
-    so the copy is exact up to the 16-bit rounding it no longer does. Returns ``model`` itself
-    when it already computes in float32.
-    """
+    """The same model (architecture and weights) computing in float32 throughout; ``model`` itself if it
+    already does. Exact up to the 16-bit rounding it no longer does (mixed policies keep float32 weights)."""
     import keras  # noqa: PLC0415
 
     if compute_dtypes(model) <= {"float32"}:

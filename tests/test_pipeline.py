@@ -310,6 +310,73 @@ def test_make_dataset_names_an_unreadable_file(tiny_manifest, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# TensorFlow decoding: the same pixels as data.read_image
+# --------------------------------------------------------------------------------------------
+def _png_variants(folder, side: int = 40) -> dict[str, str]:
+    """Real PNG files of one random slice, written by Pillow in the modes TensorFlow decodes."""
+    rng = np.random.default_rng(5)
+    grey16 = rng.integers(0, 65536, (side, side), dtype=np.uint16)
+    grey8 = (grey16 >> 8).astype(np.uint8)
+    colour = rng.integers(0, 256, (side, side, 4), dtype=np.uint8)
+    images = {
+        "grey8": Image.fromarray(grey8, mode="L"),
+        "grey16": Image.fromarray(grey16),  # mode I;16: the full 16-bit depth
+        "rgb_as_grey": Image.fromarray(np.repeat(grey8[..., None], 3, axis=2), mode="RGB"),
+        "rgb": Image.fromarray(colour[..., :3], mode="RGB"),
+        "rgba": Image.fromarray(colour, mode="RGBA"),
+    }
+    paths = {}
+    for name, image in images.items():
+        image.save(folder / f"{name}.png")
+        paths[name] = str(folder / f"{name}.png")
+    return paths
+
+
+def test_png_decoded_by_tensorflow_equals_read_image(tmp_path):
+    paths = _png_variants(tmp_path)
+    readers = {name: pipeline._png_reader(path) for name, path in paths.items()}
+    assert readers == {"grey8": 1, "grey16": 2, "rgb_as_grey": 3, "rgb": 3, "rgba": 3}  # all TensorFlow
+    manifest = pd.DataFrame({"path": list(paths.values()), "label": "normal"})
+    # image_size = the images' side: resize_with_pad leaves them alone, so this compares the decoding
+    x, _ = _batches(pipeline.make_dataset(manifest, 40, 8, training=False, cache=False))
+    for i, (name, path) in enumerate(paths.items()):
+        np.testing.assert_array_equal(x[i, ..., 0], data.read_image(path), err_msg=name)
+    assert np.array_equal(x[1, ..., 0] * 65535, np.asarray(Image.open(paths["grey16"])))  # not cut to 8 bits
+
+
+@pytest.mark.parametrize("crop_roi", [False, True])
+def test_dataset_pixels_equal_load_and_preprocess(tmp_path, crop_roi):
+    paths = list(_png_variants(tmp_path, side=56).values())
+    img = np.zeros((60, 90), dtype=np.float32)
+    img[10:40, 50:80] = 0.9  # a bright block to crop to, in a JPEG (PIL's reader) among the PNGs
+    Image.fromarray((img * 255).astype(np.uint8), mode="L").save(tmp_path / "block.jpg")
+    paths.insert(2, str(tmp_path / "block.jpg"))
+    manifest = pd.DataFrame({"path": paths, "label": "fracture"})
+    x, _ = _batches(pipeline.make_dataset(manifest, S, 3, training=False, crop_roi=crop_roi))
+    expected = np.stack([pipeline.load_and_preprocess(p, S, crop_roi=crop_roi) for p in paths])
+    np.testing.assert_array_equal(x, expected)
+
+
+def test_damaged_or_unusual_pngs_go_to_the_pil_reader(tmp_path):
+    import tensorflow as tf
+
+    path = _png_variants(tmp_path)["grey8"]
+    blob = open(path, "rb").read()
+    (tmp_path / "truncated.png").write_bytes(blob[: len(blob) - 20])
+    flipped = bytearray(blob)
+    flipped[60] ^= 0xFF  # inside the image data: its chunk checksum no longer matches
+    (tmp_path / "bitflip.png").write_bytes(bytes(flipped))
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "transparent.png", transparency=0)
+    (tmp_path / "scan.dcm").write_bytes(blob)
+    for name in ("truncated.png", "bitflip.png", "palette.png", "transparent.png", "scan.dcm", "gone.png"):
+        assert pipeline._png_reader(str(tmp_path / name)) == 0, name
+    manifest = pd.DataFrame({"path": [path, str(tmp_path / "bitflip.png")], "label": "normal"})
+    with pytest.raises(tf.errors.OpError, match="bitflip.png"):  # the error names the file
+        _batches(pipeline.make_dataset(manifest, S, 2, training=False))
+
+
+# --------------------------------------------------------------------------------------------
 # NumPy loader
 # --------------------------------------------------------------------------------------------
 def test_load_arrays_skips_and_reports_bad_files(tiny_manifest, tmp_path):
