@@ -14,13 +14,12 @@ Errors are printed as one line naming the problem (exit code 1); usage errors ex
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from . import config
-
-__all__ = ["main", "build_parser", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -34,15 +33,8 @@ def positive_int(text: str) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from . import phantom  # noqa: PLC0415
 
-    cfg = phantom.SynthConfig(
-        n=args.n,
-        seed=args.seed,
-        difficulty=args.difficulty,
-        fracture_fraction=args.fracture_fraction,
-        slices_per_subject=args.slices_per_subject,
-        val_fraction=args.val_fraction,
-        ct_model=args.ct_model,
-    )
+    fields = ("n", "seed", "difficulty", "fracture_fraction", "slices_per_subject", "val_fraction", "ct_model")
+    cfg = phantom.SynthConfig(**{name: getattr(args, name) for name in fields})
     return _generate(Path(args.out), cfg, args.workers, args.force, quiet=args.quiet)
 
 
@@ -68,23 +60,24 @@ def _cmd_default(args: argparse.Namespace) -> int:
     from . import phantom  # noqa: PLC0415
 
     prof = config.get_profile(args.profile)
-    out = config.synthetic_data_dir(prof)
-    return _generate(out, phantom.SynthConfig(n=prof.n_synthetic, seed=0), None, args.force, quiet=args.quiet)
+    return _generate(
+        config.synthetic_data_dir(prof),
+        phantom.SynthConfig(n=prof.n_synthetic, seed=0),
+        None,
+        args.force,
+        quiet=args.quiet,
+    )
 
 
 def _cmd_montage(args: argparse.Namespace) -> int:
     from . import plots  # noqa: PLC0415
 
     out = Path(args.out)
-    fig = plots.phantom_montage()
-    path = plots.save_figure(fig, out.name, folder=out.parent if str(out.parent) else ".")
-    print(f"wrote {path}")
+    print(f"wrote {plots.save_figure(plots.phantom_montage(), out.name, folder=out.parent)}")
     return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    import json  # noqa: PLC0415
-
     from . import audit  # noqa: PLC0415
 
     report = audit.audit_dataset(
@@ -104,41 +97,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except report.NotebookFailed as exc:
         print(f"cspine: error: {exc}", file=sys.stderr)
         return 1
-    total = sum(r.seconds for r in runs)
-    print(f"ran {len(runs)} notebooks in {total / 60:.1f} min")
+    print(f"ran {len(runs)} notebooks in {sum(r.seconds for r in runs) / 60:.1f} min")
     return 0
+
+
+def _usage_error(message: str) -> int:
+    print(f"cspine predict: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     """``cspine predict``: 0 = every file predicted, 1 = some failed, 2 = usage error."""
-    import json  # noqa: PLC0415
-
-    from . import predict  # noqa: PLC0415
+    from . import modelbundle, predict  # noqa: PLC0415
 
     print(f"cspine predict: note: {predict.NOT_FOR_DIAGNOSIS}", file=sys.stderr)
     if not args.paths:
-        print(
-            "cspine predict: error: give at least one image file, folder or glob pattern "
-            "(e.g. cspine predict scans/ 'more/*.png')",
-            file=sys.stderr,
-        )
-        return 2
+        return _usage_error("give at least one image file, folder or glob (e.g. cspine predict scans/ 'more/*.png')")
     try:
         threshold = predict.check_threshold(args.threshold)
     except ValueError as exc:
-        print(f"cspine predict: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(str(exc))
     bundle_dir = Path(args.model) if args.model else predict.default_bundle_dir()
     if bundle_dir is None:
-        print(f"cspine predict: error: {predict.no_model_message()}", file=sys.stderr)
-        return 2
-    from . import modelbundle  # noqa: PLC0415
-
+        return _usage_error(predict.no_model_message())
     try:
         bundle = modelbundle.load_bundle(bundle_dir)
     except (FileNotFoundError, ValueError, OSError) as exc:
-        print(f"cspine predict: error: cannot use the model bundle {bundle_dir}: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(f"cannot use the model bundle {bundle_dir}: {exc}")
     results = predict.predict_paths(args.paths, bundle, threshold=threshold, gradcam_dir=args.gradcam)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
@@ -160,14 +145,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cspine", description="Cervical-spine CT fracture course tools (teaching only, not for diagnosis)."
+def _add_data_parsers(sub) -> None:
+    dsub = sub.add_parser("data", help="datasets: generate the synthetic CT phantom").add_subparsers(
+        dest="data_command", required=True
     )
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("data", help="datasets: generate the synthetic CT phantom")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-
     s = dsub.add_parser("synth", help="generate a synthetic dataset in the Kaggle layout")
     s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier synthetic dataset)")
     s.add_argument("--n", type=int, required=True, help="number of slices (>= 1)")
@@ -181,48 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="regenerate even if up to date")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
-
     df = dsub.add_parser("default", help="generate the default dataset of a profile (reused when up to date)")
     df.add_argument("--profile", default=None, help="smoke | cpu | gpu (default: $CSPINE_PROFILE or cpu)")
     df.add_argument("--force", action="store_true")
     df.add_argument("--quiet", action="store_true")
     df.set_defaults(func=_cmd_default)
-
     m = dsub.add_parser("montage", help="write the phantom montage figure")
     m.add_argument("--out", default=str(config.figures_dir() / "phantom_montage.png"))
     m.set_defaults(func=_cmd_montage)
 
-    a = sub.add_parser("audit", help="check a dataset before training: counts, duplicates, leakage, shortcuts")
-    a.add_argument("data_dir", help="dataset folder (Kaggle, synthetic, split/class folders) or labels CSV")
-    a.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
-    a.add_argument("--seed", type=int, default=0, help="seed of the image sample and the folds (default 0)")
-    a.add_argument("--max-files", type=int, default=None, help="images read for the shortcut model (default 4000)")
-    a.add_argument("--group-method", default="auto", help="auto | name | subject | hash | name+hash | file")
-    a.set_defaults(func=_cmd_audit)
 
-    r = sub.add_parser("run", help="execute the course notebooks in order (papermill) and render the report")
-    r.add_argument("--profile", default=None, help="smoke | cpu | gpu (default: $CSPINE_PROFILE or cpu)")
-    r.add_argument("--data-dir", default=None, help="dataset folder (default: the profile's synthetic dataset)")
-    r.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 03,04")
-    r.add_argument("--from", dest="start_from", default=None, help="resume from this notebook, e.g. 04")
-    r.add_argument("--no-render", action="store_true", help="execute only; do not render the report")
-    r.set_defaults(func=_cmd_run)
-
+def _add_predict_parser(sub) -> None:
     pr = sub.add_parser(
-        "predict", help="fracture probability of image files, folders or globs (teaching only, not for diagnosis)"
+        "predict", help="fracture probability of images, folders or globs (teaching only, not for diagnosis)"
     )
-    pr.add_argument(
-        "paths",
-        nargs="*",
-        metavar="PATH",
-        help="PNG, JPEG, BMP, TIFF or DICOM files, folders (searched recursively) or glob patterns",
-    )
-    pr.add_argument(
-        "--model",
-        default=None,
-        metavar="BUNDLE_DIR",
-        help="model bundle folder (default: the best under artifacts/models/: vgg16, then cnn)",
-    )
+    where = "PNG, JPEG, BMP, TIFF or DICOM files, folders (searched recursively) or glob patterns"
+    pr.add_argument("paths", nargs="*", metavar="PATH", help=where)
+    bundle_help = "model bundle folder (default: the best under artifacts/models/: vgg16, then cnn)"
+    pr.add_argument("--model", default=None, metavar="BUNDLE_DIR", help=bundle_help)
     pr.add_argument(
         "--threshold", type=float, default=None, help="decision threshold in [0, 1] (default: the bundle's)"
     )
@@ -231,12 +188,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradcam", default=None, metavar="OUT_DIR", help="also write a Grad-CAM overlay PNG per file into OUT_DIR"
     )
     pr.set_defaults(func=_cmd_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cspine`` argument parser: subcommands data (synth, default, montage), audit, run and predict."""
+    p = argparse.ArgumentParser(
+        prog="cspine", description="Cervical-spine CT fracture course tools (teaching only, not for diagnosis)."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_data_parsers(sub)
+    a = sub.add_parser("audit", help="check a dataset before training: counts, duplicates, leakage, shortcuts")
+    a.add_argument("data_dir", help="dataset folder (Kaggle, synthetic, split/class folders) or labels CSV")
+    a.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    a.add_argument("--seed", type=int, default=0, help="seed of the image sample and the folds (default 0)")
+    a.add_argument("--max-files", type=int, default=None, help="images read for the shortcut model (default 4000)")
+    a.add_argument("--group-method", default="auto", help="auto | name | subject | hash | name+hash | file")
+    a.set_defaults(func=_cmd_audit)
+    r = sub.add_parser("run", help="execute the course notebooks in order (papermill) and render the report")
+    r.add_argument("--profile", default=None, help="smoke | cpu | gpu (default: $CSPINE_PROFILE or cpu)")
+    r.add_argument("--data-dir", default=None, help="dataset folder (default: the profile's synthetic dataset)")
+    r.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 03,04")
+    r.add_argument("--from", dest="start_from", default=None, help="resume from this notebook, e.g. 04")
+    r.add_argument("--no-render", action="store_true", help="execute only; do not render the report")
+    r.set_defaults(func=_cmd_run)
+    _add_predict_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run ``cspine`` with ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
@@ -245,7 +226,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cspine: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

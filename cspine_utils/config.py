@@ -1,22 +1,11 @@
-"""Profiles, paths and seeds shared by every notebook, test and command.
+"""Profiles, paths and seeds shared by every notebook, test and command, and the notebooks' setup call.
 
-A *profile* fixes how big a run is: the image size the models see, how many synthetic slices
-are generated, epochs, tuner trials and batch size. Three are defined:
-
-``smoke``
-    Tiny and fast; used by the tests and by ``CSPINE_PROFILE=smoke`` notebook runs.
-``cpu``
-    The default for ``make run`` on a laptop-class 2-core CPU.
-``gpu``
-    Full resolution (224 px, the VGG16 native size) and a full hyperparameter search.
-
-Paths resolve from environment variables so the same notebook runs in a test, for a student
-and on a GPU machine:
-
-``CSPINE_PROFILE``    profile name (default ``cpu``)
-``CSPINE_DATA_DIR``   the dataset to use (default: the generated synthetic set of the profile)
-``CSPINE_ARTIFACTS``  where models, splits and tuner state go (default ``<repo>/artifacts``)
-``CSPINE_REPORT_DIR`` the rendered report and its figures (default ``<repo>/report``)
+A *profile* fixes how big a run is (model image size, synthetic slices, epochs, tuner trials, batch):
+``smoke`` (tiny, for tests), ``cpu`` (default; ``make run`` on a 2-core CPU) and ``gpu`` (224 px, the
+VGG16 native size, and a full search). Paths come from the environment, so one notebook runs in a
+test, for a student and on a GPU: ``CSPINE_PROFILE`` (default ``cpu``), ``CSPINE_DATA_DIR`` (default:
+the profile's synthetic set), ``CSPINE_ARTIFACTS`` (default ``<repo>/artifacts``) and
+``CSPINE_REPORT_DIR`` (default ``<repo>/report``).
 """
 
 from __future__ import annotations
@@ -29,23 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from cspine_utils import hardware
-
-__all__ = [
-    "Profile",
-    "PROFILES",
-    "get_profile",
-    "repo_root",
-    "data_dir",
-    "synthetic_data_dir",
-    "artifacts_dir",
-    "report_dir",
-    "figures_dir",
-    "set_seed",
-    "quiet_tensorflow_start",
-    "setup",
-]
 
 
 @dataclass(frozen=True)
@@ -118,13 +90,7 @@ DEFAULT_PROFILE = "cpu"
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """Return the named profile, or the one in ``CSPINE_PROFILE`` (default ``cpu``).
-
-    Raises
-    ------
-    ValueError
-        If the name is not one of :data:`PROFILES`.
-    """
+    """The named profile, or the one in ``CSPINE_PROFILE`` (default ``cpu``); ValueError for an unknown name."""
     chosen = (name or os.environ.get("CSPINE_PROFILE") or DEFAULT_PROFILE).strip().lower()
     if chosen not in PROFILES:
         raise ValueError(f"unknown profile {chosen!r}; choose one of {', '.join(PROFILES)}")
@@ -132,11 +98,7 @@ def get_profile(name: str | None = None) -> Profile:
 
 
 def repo_root() -> Path:
-    """The course repository (the folder holding ``pyproject.toml``).
-
-    The package is installed in editable mode by ``make``, so it sits inside the repository.
-    When it does not (a plain install), the current working directory is used.
-    """
+    """The repository holding this (editable) package's ``pyproject.toml``, else the working directory."""
     here = Path(__file__).resolve().parent.parent
     if (here / "pyproject.toml").is_file():
         return here
@@ -175,10 +137,7 @@ def figures_dir() -> Path:
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and Keras (which seeds TensorFlow).
-
-    Keras is imported only here, so code that needs no deep learning never pays for it.
-    """
+    """Seed Python's ``random``, NumPy's global generator and Keras (which seeds TensorFlow; imported here only)."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     random.seed(int(seed))
@@ -202,21 +161,13 @@ BENIGN_NATIVE_NOTICES = (
 
 
 def quiet_tensorflow_start() -> list[str]:
-    """Import TensorFlow and let it look for GPUs without printing its benign native notices.
+    """Import TensorFlow and list its GPUs without printing its benign native notices; return those held back.
 
-    TensorFlow's C++ code writes a few lines to the process's stderr while it starts, *before*
-    ``TF_CPP_MIN_LOG_LEVEL`` takes effect (absl logs them ahead of its initialisation), and
-    Jupyter copies them into the first cell's output, where they look like errors. This sets
-    ``TF_CPP_MIN_LOG_LEVEL=2`` (unless set), imports TensorFlow and lists its GPUs with the
-    native stderr (file descriptor 2) sent to a temporary file, then writes back to stderr
-    every line that is **not** one of :data:`BENIGN_NATIVE_NOTICES` - so a real problem (a CUDA
-    library that fails to load on a GPU machine, say) is still shown. Python-level errors and
-    warnings are not affected. Calling it again does nothing more.
-
-    Returns
-    -------
-    list of str
-        The notices that were held back (for a test or a curious reader).
+    TensorFlow's C++ code writes to stderr while it starts, before ``TF_CPP_MIN_LOG_LEVEL`` takes
+    effect, and Jupyter shows those lines like errors. This sets ``TF_CPP_MIN_LOG_LEVEL=2`` (unless
+    set) and imports TensorFlow with file descriptor 2 sent to a temporary file, then writes back
+    every line that is not one of :data:`BENIGN_NATIVE_NOTICES` (a CUDA library that fails to load
+    is still shown). Python errors and warnings are untouched; a second call does nothing.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:
@@ -245,23 +196,20 @@ def quiet_tensorflow_start() -> list[str]:
 
 
 def setup(profile: str | Profile | None = None, seed: int = 0, *, tuner: bool = False) -> Profile:
-    """The one Setup call of every notebook: quiet TensorFlow start, seed, versions, profile, device.
+    """The one Setup call of every notebook; returns the :class:`Profile` (``CSPINE_PROFILE`` when None).
 
-    Runs :func:`quiet_tensorflow_start` (so it must come before ``import tensorflow``/``keras``),
-    :func:`set_seed`, then prints three lines: the TensorFlow and Keras versions and backend (and
-    KerasTuner's when ``tuner`` is true), the profile (name, image size, batch, epochs) and the
-    device (:func:`cspine_utils.hardware.describe_device`).
-
-    Returns
-    -------
-    Profile
-        The profile named (or the one in ``CSPINE_PROFILE`` when ``profile`` is None).
+    Runs :func:`quiet_tensorflow_start` (so call it before ``import tensorflow``/``keras``) and
+    :func:`set_seed`, then prints the TensorFlow and Keras versions and backend (and KerasTuner's
+    when ``tuner``), the profile (name, image size, batch, epochs, seed) and the device
+    (:func:`cspine_utils.hardware.describe_device`).
     """
     prof = profile if isinstance(profile, Profile) else get_profile(profile)
     quiet_tensorflow_start()
     set_seed(seed)
     import keras  # noqa: PLC0415 - after the quiet start
     import tensorflow as tf  # noqa: PLC0415
+
+    from cspine_utils import hardware  # noqa: PLC0415
 
     versions = f"TensorFlow {tf.__version__}, Keras {keras.__version__} ({keras.backend.backend()} backend)"
     if tuner:
