@@ -1,43 +1,35 @@
 """A synthetic axial CT of the cervical spine, with ground-truth fracture masks.
 
-Why a phantom? The course must run offline, and Grad-CAM can only be *checked* where we know
-where the fracture is. Every slice here is built in three physical steps:
+The course must run offline, and Grad-CAM can only be *checked* where we know where the fracture
+is. Every slice is built in three physical steps:
 
 1. **Anatomy in Hounsfield units** (:func:`render_anatomy`). Shapes are signed-distance fields in
-   millimetres (negative inside), so cortical shells have a true thickness and edges are
-   anti-aliased by the pixel size: neck outline with skin, subcutaneous fat and muscle; fat
-   planes, sternocleidomastoid muscles and carotid sheaths; the airway (pharynx, larynx or
-   trachea by level) with the oesophagus behind it; thyroid lobes at C6-C7; the mandible at
-   C1-C2; the vertebra of the level (C1 ring with the dens of C2, C2 axis, typical C3-C6, C7
-   with its long spinous process): cortical shell around trabecular cancellous bone, pedicles,
-   articular pillars with facet joints, transverse processes with foramina, laminae, (bifid)
-   spinous process, and the spinal canal with cord and CSF; a curved head-rest under the neck.
-2. **Fractures** (:func:`_apply_fracture`): a displaced linear break through the vertebral body,
-   a posterior-element (lamina/pedicle) break, and a comminuted/burst pattern with retropulsion
-   (at C1: arch breaks and a Jefferson-type ring fracture). Fragments are moved by warping the
-   bone's distance field, the gap is filled with haematoma, and the removed bone is the
-   **pixel mask**. ``difficulty`` in [0, 1] narrows the gap, reduces displacement and fills the gap
-   partly (less contrast).
-3. **CT formation** (:func:`simulate_ct`): the scanner's blur and sharp bone kernel, and quantum
-   noise. Two models: ``"fbp"`` really forward-projects the slice (scikit-image ``radon``), draws
-   Poisson photon counts at the chosen dose and reconstructs by filtered back-projection
-   (``iradon``, ramp filter) - slow; ``"nps"`` (default) gives the same noise power spectrum
-   (ramp x kernel², validated against ``"fbp"`` in the tests) by filtering white noise in the
-   Fourier domain, with a noise level that grows with the X-ray path length - fast enough for
-   thousands of slices. Then the circular reconstruction field, and a bone window to 8-bit PNG.
+   mm (negative inside), so cortical shells have a true thickness and edges are anti-aliased by
+   the pixel size: neck with skin, fat and muscle; fat planes, sternocleidomastoids and carotid
+   sheaths; the airway by level with the oesophagus; thyroid at C6-C7; mandible at C1-C2; the
+   vertebra of the level (C1 ring with the dens of C2, C2, typical C3-C6, C7 with its long
+   spinous process): cortical shell around cancellous bone, pedicles, articular pillars with
+   facet joints, transverse foramina, laminae, (bifid) spinous process, canal with cord and CSF;
+   a curved head-rest.
+2. **Fractures** (:func:`_apply_fracture`): a displaced linear break of the body, a posterior-
+   element break, a comminuted burst with retropulsion (at C1: arch breaks and a Jefferson-type
+   ring fracture). Fragments move by warping the bone's distance field, the gap fills with
+   haematoma, and the removed bone is the **pixel mask**. ``difficulty`` in [0, 1] narrows the
+   gap, reduces displacement and partly fills the gap (less contrast).
+3. **CT formation** (:func:`simulate_ct`): scanner blur, sharp bone kernel, quantum noise.
+   ``"fbp"`` forward-projects (scikit-image ``radon``), draws Poisson counts at the dose and
+   reconstructs by filtered back-projection (slow). ``"nps"`` (default) filters white noise to
+   the same noise power spectrum (ramp x kernel², validated against ``"fbp"`` in the tests), its
+   level growing with the X-ray path length. Then the circular field and a bone window to PNG.
 
-Subjects contribute several adjacent levels, so splits must be grouped by ``subject_id``.
-Normal and fracture slices are drawn from the same distribution of anatomy, level, size, dose
-and resolution: only the fracture differs.
-
-What it does **not** model: beam hardening and metal, patient motion, partial-volume effects
-across the slice thickness, degenerative disease (osteophytes, disc calcification), chronic
-(healed) fractures, ligamentous injury, and the full 3-D course of a fracture.
+Subjects contribute several adjacent levels, so splits must be grouped by ``subject_id``. Normal
+and fracture slices share one distribution of anatomy, level, size, dose and resolution: only the
+fracture differs. Not modelled: beam hardening and metal, motion, partial volume across the slice,
+degenerative disease, healed fractures, ligamentous injury, the 3-D course of a fracture.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -50,72 +42,22 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = [
-    "GENERATOR_VERSION",
-    "LEVELS",
-    "FRACTURE_TYPES",
-    "TISSUE",
-    "HU",
-    "SubjectParams",
-    "SliceSpec",
-    "SliceResult",
-    "SynthConfig",
-    "sample_subject",
-    "render_anatomy",
-    "simulate_ct",
-    "render_slice",
-    "window_to_uint8",
-    "plan_dataset",
-    "generate_dataset",
-    "generator_fingerprint",
-    "kaggle_like_dataset",
-]
+from .records import read_json, sha256_file, write_json
 
 GENERATOR_VERSION = "1.0"
 LEVELS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 FRACTURE_TYPES = ("linear", "posterior", "burst")
 MANIFEST_NAME = "manifest.csv"
 MARKER_NAME = "dataset.json"
-
 # Tissue labels of the label map returned with the true HU image.
-TISSUE = {
-    "outside": 0,
-    "air": 1,
-    "skin": 2,
-    "fat": 3,
-    "muscle": 4,
-    "vessel": 5,
-    "thyroid": 6,
-    "airway": 7,
-    "csf": 8,
-    "cord": 9,
-    "cancellous": 10,
-    "cortical": 11,
-    "table": 12,
-    "haematoma": 13,
-    "cartilage": 14,
-}
-
-# Central HU values (ranges from shared CT_FACTS.md); subjects jitter around them.
-HU = {
-    "air": -1000.0,
-    "fat": -100.0,
-    "skin": 40.0,
-    "muscle": 45.0,
-    "vessel": 40.0,
-    "thyroid": 100.0,
-    "csf": 8.0,
-    "cord": 35.0,
-    "haematoma": 60.0,
-    "table": 100.0,
-    "cartilage": 120.0,
-    "padding": -3024.0,
-}
+_TISSUES = "outside air skin fat muscle vessel thyroid airway csf cord cancellous cortical table haematoma cartilage"
+TISSUE = {name: label for label, name in enumerate(_TISSUES.split())}
+# Central HU values (typical clinical CT ranges); subjects jitter around them.
+HU = {"air": -1000.0, "fat": -100.0, "skin": 40.0, "muscle": 45.0, "vessel": 40.0, "thyroid": 100.0, "csf": 8.0}
+HU |= {"cord": 35.0, "haematoma": 60.0, "table": 100.0, "cartilage": 120.0, "padding": -3024.0}
 
 
-# --------------------------------------------------------------------------------------------
 # Signed-distance primitives (all lengths in mm, negative inside)
-# --------------------------------------------------------------------------------------------
 def _sd_ellipse(x: np.ndarray, y: np.ndarray, a: float, b: float) -> np.ndarray:
     """Approximate signed distance to an axis-aligned ellipse (first-order, accurate near the edge)."""
     k = np.sqrt((x / a) ** 2 + (y / b) ** 2)
@@ -159,9 +101,7 @@ def _coverage(d: np.ndarray, px: float) -> np.ndarray:
     return np.clip(0.5 - d / px, 0.0, 1.0)
 
 
-# --------------------------------------------------------------------------------------------
 # Subjects and slices
-# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SubjectParams:
     """One synthetic patient and scan: anatomy scale, pose, bone density, scanner settings."""
@@ -218,34 +158,22 @@ def sample_subject(rng: np.random.Generator, subject_id: str) -> SubjectParams:
     scale = float(rng.uniform(0.9, 1.1))
     osteoporotic = rng.random() < 0.15
     matrix = int(rng.choice([256, 320, 384, 448, 512]))
-    return SubjectParams(
-        subject_id=subject_id,
-        scale=scale,
-        neck_a=float(rng.uniform(58, 70) * scale),
-        neck_b_front=float(rng.uniform(44, 52) * scale),
-        neck_b_back=float(rng.uniform(58, 66) * scale),
-        fat_mm=float(rng.uniform(3, 12)),
-        rotation_deg=float(rng.normal(0, 4)),
-        shift_mm=(float(rng.normal(0, 4)), float(rng.normal(-2, 4))),
-        spine_y_mm=float(rng.uniform(2, 8) * scale),
-        cancellous_hu=float(rng.uniform(70, 110) if osteoporotic else rng.uniform(160, 340)),
-        cortical_hu=float(rng.uniform(1000, 1700)),
-        cortical_mm=float(rng.uniform(0.6, 1.3)),
-        muscle_hu=float(rng.uniform(38, 55)),
-        fat_hu=float(rng.uniform(-115, -85)),
-        fov_mm=float(rng.uniform(160, 240)),
-        matrix=matrix,
-        dose=float(np.exp(rng.uniform(np.log(0.5), np.log(2.0)))),
-        kernel_sigma_mm=float(rng.uniform(0.3, 0.45)),
-        kernel_boost=float(rng.uniform(0.2, 0.6)),
-        window=((2000.0, 500.0), (1800.0, 400.0))[int(rng.integers(2))],
-        table_gap_mm=float(rng.uniform(3, 15)),
-    )
+    neck = [float(rng.uniform(lo, hi) * scale) for lo, hi in ((58, 70), (44, 52), (58, 66))]  # a, front, back
+    fat_mm, rotation_deg = float(rng.uniform(3, 12)), float(rng.normal(0, 4))
+    shift_mm, spine_y_mm = (float(rng.normal(0, 4)), float(rng.normal(-2, 4))), float(rng.uniform(2, 8) * scale)
+    cancellous_hu = float(rng.uniform(70, 110) if osteoporotic else rng.uniform(160, 340))
+    bone = [cancellous_hu, float(rng.uniform(1000, 1700)), float(rng.uniform(0.6, 1.3))]  # + cortical HU, mm
+    soft = [float(rng.uniform(38, 55)), float(rng.uniform(-115, -85))]  # muscle, fat HU
+    fov_mm, dose = float(rng.uniform(160, 240)), float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+    kernel = [float(rng.uniform(0.3, 0.45)), float(rng.uniform(0.2, 0.6))]  # sigma mm, boost
+    window = ((2000.0, 500.0), (1800.0, 400.0))[int(rng.integers(2))]
+    table_gap_mm = float(rng.uniform(3, 15))
+    # in SubjectParams' field order
+    head = [subject_id, scale, *neck, fat_mm, rotation_deg, shift_mm, spine_y_mm, *bone, *soft, fov_mm, matrix, dose]
+    return SubjectParams(*head, *kernel, window, table_gap_mm)
 
 
-# --------------------------------------------------------------------------------------------
 # Vertebrae
-# --------------------------------------------------------------------------------------------
 _BODY_HALF_WIDTH = {"C2": 9.0, "C3": 8.0, "C4": 8.3, "C5": 8.7, "C6": 9.3, "C7": 10.0}
 _SPINOUS_LENGTH = {"C2": 16.0, "C3": 11.0, "C4": 11.0, "C5": 12.0, "C6": 14.0, "C7": 21.0}
 
@@ -253,44 +181,22 @@ _SPINOUS_LENGTH = {"C2": 16.0, "C3": 11.0, "C4": 11.0, "C5": 12.0, "C6": 14.0, "
 def _vertebra_geometry(level: str, s: float, rng: np.random.Generator) -> dict:
     """Dimensions (mm) of one vertebra, scaled by ``s`` with small per-slice variation."""
     j = lambda lo, hi: float(rng.uniform(lo, hi)) * s  # noqa: E731
-    g = {
-        "level": level,
-        "facet_joint": bool(rng.random() < 0.6),
-        "facet_angle": float(rng.uniform(-30, 30)),
-        "facet_offset": float(rng.uniform(-1.5, 1.5)),
-    }
-    if level == "C1":
-        g.update(
-            ring_a=j(15, 17),
-            ring_b=j(14, 16),
-            ring_t=j(3.5, 4.5),
-            ring_cy=j(9, 10.5),
-            mass_a=j(5.5, 7),
-            mass_b=j(7.5, 9),
-            tp_len=j(9, 12),
-            foramen_r=j(2.8, 3.4),
-            dens_r=j(4.5, 5.5),
-            canal_w=j(24, 28) / 2,
-            canal_d=j(17, 20) / 2,
-        )
+    g = {"level": level, "facet_joint": bool(rng.random() < 0.6), "facet_angle": float(rng.uniform(-30, 30))}
+    g["facet_offset"] = float(rng.uniform(-1.5, 1.5))
+    if level == "C1":  # ring (half-axes, thickness, centre), lateral masses, transverse process, dens
+        g["ring_a"], g["ring_b"], g["ring_t"], g["ring_cy"] = j(15, 17), j(14, 16), j(3.5, 4.5), j(9, 10.5)
+        g["mass_a"], g["mass_b"], g["tp_len"], g["foramen_r"] = j(5.5, 7), j(7.5, 9), j(9, 12), j(2.8, 3.4)
+        g["dens_r"], g["canal_w"], g["canal_d"] = j(4.5, 5.5), j(24, 28) / 2, j(17, 20) / 2
         return g
-    bw = _BODY_HALF_WIDTH[level] * s * float(rng.uniform(0.95, 1.05))
-    g.update(
-        bw=bw,
-        bd=j(7.2, 8.4) * (1.05 if level == "C2" else 1.0),
-        body_r=j(3, 4.2),
-        canal_w=j(22, 26) / 2,
-        canal_d=j(14, 17.5) / 2,
-        ped_r=j(2.4, 3.0) * (1.2 if level == "C2" else 1.0),
-        lam_r=j(1.8, 2.3),
-        pillar_a=j(4.5, 5.5),
-        pillar_b=j(5.5, 6.5),
-        sp_len=_SPINOUS_LENGTH[level] * s * float(rng.uniform(0.9, 1.1)),
-        sp_r=j(2.3, 2.9) * (1.3 if level == "C2" else 1.0),
-        bifid=level in ("C2", "C3", "C4", "C5", "C6") and rng.random() < 0.85,
-        foramen_r=j(2.5, 3.1) * (0.6 if level == "C7" else 1.0),
-        tp_len=j(6, 9),
-    )
+    c2 = level == "C2"  # C2 (the axis) has a deeper body, stouter pedicles and a massive spinous process
+    g["bw"] = _BODY_HALF_WIDTH[level] * s * float(rng.uniform(0.95, 1.05))  # body half-width and half-depth
+    g["bd"], g["body_r"] = j(7.2, 8.4) * (1.05 if c2 else 1.0), j(3, 4.2)
+    g["canal_w"], g["canal_d"], g["ped_r"] = j(22, 26) / 2, j(14, 17.5) / 2, j(2.4, 3.0) * (1.2 if c2 else 1.0)
+    g["lam_r"], g["pillar_a"], g["pillar_b"] = j(1.8, 2.3), j(4.5, 5.5), j(5.5, 6.5)
+    g["sp_len"] = _SPINOUS_LENGTH[level] * s * float(rng.uniform(0.9, 1.1))
+    g["sp_r"] = j(2.3, 2.9) * (1.3 if c2 else 1.0)
+    g["bifid"] = level in ("C2", "C3", "C4", "C5", "C6") and rng.random() < 0.85
+    g["foramen_r"], g["tp_len"] = j(2.5, 3.1) * (0.6 if level == "C7" else 1.0), j(6, 9)
     return g
 
 
@@ -369,20 +275,11 @@ def _atlas_sdf(u, v, g: dict) -> dict[str, np.ndarray]:
     anterior_arch = np.maximum(ring_d, v - (cy - g["ring_b"] + 4.0))
     canal = _sd_ellipse(u, v - (dens_c + g["dens_r"] + g["canal_d"] - 1.0), g["canal_w"] * 0.75, g["canal_d"])
     cord = _sd_ellipse(u, v - (dens_c + g["dens_r"] + g["canal_d"] - 0.5), 6.5, 4.8)
-    return {
-        "bone": bone,
-        "body": anterior_arch,
-        "canal": canal,
-        "cord": cord,
-        "foramina": foramina,
-        "arch": ring,
-        "dens": dens,
-    }
+    parts = {"bone": bone, "body": anterior_arch, "canal": canal, "cord": cord, "foramina": foramina}
+    return parts | {"arch": ring, "dens": dens}
 
 
-# --------------------------------------------------------------------------------------------
 # Fractures
-# --------------------------------------------------------------------------------------------
 def _fracture_plan(g: dict, ftype: str, difficulty: float, rng: np.random.Generator) -> dict:
     """Where the fracture lines run and how fragments move (all in the vertebra frame, mm)."""
     d = float(difficulty)
@@ -412,15 +309,8 @@ def _fracture_plan(g: dict, ftype: str, difficulty: float, rng: np.random.Genera
         n_breaks = {"posterior": 1, "linear": 1, "burst": int(rng.integers(2, 5))}[ftype]
         sites = _break_sites(g, ftype, n_breaks, rng)
         for px, py, bar_angle in sites:
-            plan["cuts"].append(
-                {
-                    "p0": (px, py),
-                    "angle": bar_angle + 90 + float(rng.uniform(-25, 25)),
-                    "region": "local",
-                    "move": side,
-                    "radius": 9.0,
-                }
-            )
+            angle = bar_angle + 90 + float(rng.uniform(-25, 25))
+            plan["cuts"].append({"p0": (px, py), "angle": angle, "region": "local", "move": side, "radius": 9.0})
     else:
         raise ValueError(f"unknown fracture type {ftype!r}; choose one of {FRACTURE_TYPES}")
     plan["jitter"] = (float(rng.uniform(0.15, 0.4)), float(rng.uniform(0.5, 1.2)), float(rng.uniform(0, 6.28)))
@@ -516,18 +406,13 @@ def _apply_fracture(u, v, g: dict, plan: dict, px: float):
     return bone_w, bone_after, gap, mask, warped
 
 
-# --------------------------------------------------------------------------------------------
 # Anatomy → HU
-# --------------------------------------------------------------------------------------------
 def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Draw the true HU image of one slice.
 
-    Returns
-    -------
-    hu : float32 (N, N) array, Hounsfield units before CT formation.
-    tissue : uint8 (N, N) label map (:data:`TISSUE`).
-    mask : bool (N, N), the fracture (empty for ``fracture_type == "none"``).
-    pixel_mm : pixel size in mm.
+    Returns ``hu``: float32 (N, N), HU before CT formation; ``tissue``: uint8 (N, N) label map
+    (:data:`TISSUE`); ``mask``: bool (N, N), the fracture (empty when ``fracture_type == "none"``);
+    ``pixel_mm``: pixel size in mm.
     """
     sp = spec.subject
     if spec.level not in LEVELS:
@@ -540,23 +425,28 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     X, Y = np.meshgrid(coords, coords)
     # patient frame: x to the image right (patient left), y posterior
     x, y = _rot(X, Y, sp.shift_mm[0], sp.shift_mm[1], sp.rotation_deg)
-    lvl = LEVELS.index(spec.level)
     hu = np.full((n, n), HU["air"], dtype=np.float32)
     tissue = np.full((n, n), TISSUE["air"], dtype=np.uint8)
 
     def paint(d, value, label, hu_img=hu, tis_img=tissue):
+        """Blend ``value`` (HU) into the image by the coverage of shape ``d``; label its pixels."""
         cov = _coverage(d, px)
         hu_img += cov * (value - hu_img)
         tis_img[cov > 0.5] = TISSUE[label]
         return cov
 
-    # --- head-rest (not attached to the patient: image frame) ---
+    _paint_soft_tissue(paint, X, Y, x, y, sp, LEVELS.index(spec.level), rng)
+    mask = _paint_vertebra(paint, hu, tissue, x, y, spec, px, rng)
+    return hu.astype(np.float32), tissue, mask, px
+
+
+def _paint_soft_tissue(paint, X, Y, x, y, sp: SubjectParams, lvl: int, rng: np.random.Generator) -> None:
+    """Head-rest, neck (skin, fat, muscle, fat planes), sternocleidomastoids, vessels, thyroid, airway, mandible."""
+    # head-rest (not attached to the patient: image frame)
     R = 160.0
     table_cy = sp.shift_mm[1] + sp.neck_b_back + sp.table_gap_mm + 4.0 - R
     table = np.abs(np.hypot(X - sp.shift_mm[0], Y - table_cy) - R) - 2.0
     paint(np.maximum(table, np.abs(X - sp.shift_mm[0]) - 85), HU["table"], "table")
-
-    # --- neck outline, skin, fat, muscle ---
     b_front = sp.neck_b_front * (1.15 if lvl <= 1 else 1.0)
     b = np.where(y < 0, np.float32(b_front), np.float32(sp.neck_b_back))
     a = sp.neck_a * (1.08 if lvl <= 1 else 1.0) * (1 + 0.05 * (lvl - 3) / 3)
@@ -564,11 +454,9 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     paint(neck, HU["skin"], "skin")
     fat_t = sp.fat_mm * (1.0 + 0.6 * np.clip(y / sp.neck_b_back, 0, 1))  # thicker at the back
     paint(neck + 1.5, sp.fat_hu, "fat")
-    muscle = neck + 1.5 + fat_t
-    paint(muscle, sp.muscle_hu, "muscle")
+    paint(neck + 1.5 + fat_t, sp.muscle_hu, "muscle")
     # fat planes between muscle groups (paraspinal septa, nuchal ligament line)
-    sy = sp.spine_y_mm
-    back = sp.neck_b_back
+    sy, back = sp.spine_y_mm, sp.neck_b_back
     for sgn in (-1, 1):
         for cx, cy, ea, eb, cut in ((16, 0.55, 11, 0.28, 0.0), (27, 0.35, 14, 0.4, -6.0)):
             arc = np.abs(_sd_ellipse(*_rot(x, y, sgn * cx, sy + cy * back, sgn * 15), ea, eb * back)) - 0.45
@@ -582,8 +470,7 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         paint(np.hypot(x - sgn * 22, y - (sy - 12)) - 5.5, sp.fat_hu, "fat")
         paint(np.hypot(x - sgn * 20, y - (sy - 13)) - 3.2, HU["vessel"], "vessel")
         paint(_sd_ellipse(x - sgn * 26.5, y - (sy - 11), 4.5, 3.5), HU["vessel"] - 5, "vessel")
-    # thyroid lobes at C6-C7
-    if lvl >= 5:
+    if lvl >= 5:  # thyroid lobes at C6-C7
         for sgn in (-1, 1):
             paint(_sd_ellipse(*_rot(x, y, sgn * 13, sy - 27, sgn * 30), 7.0, 10.0), HU["thyroid"], "thyroid")
     # airway by level: pharynx (C1-C3), larynx (C4-C5), trachea (C6-C7); oesophagus behind it
@@ -598,26 +485,26 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     paint(aw - 2.0, sp.muscle_hu, "muscle")
     paint(aw, HU["air"], "airway")
     if lvl >= 3:
-        oes = _sd_ellipse(x - 4, y - (sy - 14.5), 7.0, 3.5)
-        paint(oes, sp.muscle_hu, "muscle")
+        paint(_sd_ellipse(x - 4, y - (sy - 14.5), 7.0, 3.5), sp.muscle_hu, "muscle")
         if rng.random() < 0.5:
             paint(_sd_ellipse(x - 4, y - (sy - 14.5), 2.5, 1.0), HU["air"], "airway")
-    # mandible at C1-C2
-    if lvl <= 1 and rng.random() < 0.6:  # depends on head flexion
+    if lvl <= 1 and rng.random() < 0.6:  # mandible at C1-C2, depending on head flexion
         mand = np.maximum(np.abs(_sd_ellipse(x, y - (sy - 20), a * 0.55, b_front + sy - 24)) - 4.0, y - (sy - 34))
         paint(mand, sp.cortical_hu * 0.8, "cortical")
         paint(mand + 1.2, sp.cancellous_hu + 100, "cancellous")
 
-    # --- the vertebra: evaluated in a box around the spine only (speed) ---
+
+def _paint_vertebra(paint, hu, tissue, x, y, spec: SliceSpec, px: float, rng: np.random.Generator) -> np.ndarray:
+    """The vertebra (evaluated in a box around the spine only, for speed), fractured if asked; its mask."""
+    sp, n = spec.subject, hu.shape[0]
     g = _vertebra_geometry(spec.level, sp.scale, rng)
-    rot_v = float(rng.normal(0, 3))
-    U, V = _rot(x, y, 0.0, sy, rot_v)
+    U, V = _rot(x, y, 0.0, sp.spine_y_mm, float(rng.normal(0, 3)))
     box = (np.abs(U) < 42) & (V > -25) & (V < 55)
     rows, cols = np.where(box.any(axis=1))[0], np.where(box.any(axis=0))[0]
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    u, v = U[r0:r1, c0:c1], V[r0:r1, c0:c1]
-    crop = (slice(r0, r1), slice(c0, c1))
+    crop = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    u, v = U[crop], V[crop]
     mask = np.zeros((n, n), dtype=bool)
+    plan = None
     if spec.fracture_type == "none":
         parts = _vertebra_sdf(u, v, g)
         bone_sd, gap = parts["bone"], None
@@ -634,19 +521,15 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     # bone: cortical shell around trabecular cancellous bone
     tex = ndimage.gaussian_filter(rng.standard_normal(u.shape), 0.55 / px)
     tex /= tex.std() + 1e-9
-    canc = (
-        sp.cancellous_hu
-        + 90.0 * tex
-        + 25.0 * ndimage.gaussian_filter(rng.standard_normal(u.shape), 2.5 / px) * (2.5 / px)
-    )
+    coarse = ndimage.gaussian_filter(rng.standard_normal(u.shape), 2.5 / px)
+    canc = sp.cancellous_hu + 90.0 * tex + 25.0 * coarse * (2.5 / px)
     inner = _coverage(bone_sd + sp.cortical_mm, px)
     bone_hu = sp.cortical_hu * (1 - inner) + canc * inner
     alpha = _coverage(bone_sd, px)
     if gap is not None:  # haematoma in the fracture gap, partly filled at high difficulty
-        fill = plan["fill"]
         gap_bone = gap * _coverage(np.minimum(parts["bone"], bone_sd), px)
         sub_hu += gap_bone * (HU["haematoma"] - sub_hu)
-        alpha = np.maximum(alpha, gap_bone * fill * _coverage(parts["bone"], px))
+        alpha = np.maximum(alpha, gap_bone * plan["fill"] * _coverage(parts["bone"], px))
         bone_hu = np.where(gap_bone > 0, bone_hu * (1 - gap_bone) + canc * gap_bone, bone_hu)
     sub_hu += alpha * (bone_hu - sub_hu)
     sub_t[(alpha > 0.5) & (inner > 0.5)] = TISSUE["cancellous"]
@@ -654,12 +537,10 @@ def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     if gap is not None:
         sub_t[(gap > 0.5) & (alpha <= 0.5) & mask[crop]] = TISSUE["haematoma"]
     hu[crop], tissue[crop] = sub_hu, sub_t
-    return hu.astype(np.float32), tissue, mask, px
+    return mask
 
 
-# --------------------------------------------------------------------------------------------
 # CT formation
-# --------------------------------------------------------------------------------------------
 MU_WATER_PER_MM = 0.019  # linear attenuation of water at ~70 keV, 1/mm
 
 
@@ -695,6 +576,7 @@ def nps_noise(
 
 
 def _fov_circle(n: int) -> np.ndarray:
+    """The circular reconstruction field of an (n, n) image: bool (n, n)."""
     c = np.arange(n) - (n - 1) / 2
     return np.hypot(c[None, :], c[:, None]) <= n / 2 - 0.5
 
@@ -760,9 +642,7 @@ def render_slice(spec: SliceSpec, ct_model: str = "nps") -> SliceResult:
     return SliceResult(image=image, hu=hu, hu_true=hu_true, tissue=tissue, mask=mask, pixel_mm=px, meta=meta)
 
 
-# --------------------------------------------------------------------------------------------
 # Datasets
-# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SynthConfig:
     """Parameters of a generated dataset; all of them are recorded in its manifest."""
@@ -794,7 +674,7 @@ class SynthConfig:
 
 def generator_fingerprint() -> str:
     """Hash of this module's source: a dataset is stale when the generator code changes."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return sha256_file(__file__)[:16]
 
 
 def plan_dataset(cfg: SynthConfig) -> list[dict]:
@@ -812,15 +692,13 @@ def plan_dataset(cfg: SynthConfig) -> list[dict]:
     for s in range(n_subjects):
         count = min(k, cfg.n - s * k)
         start = int(rng.integers(0, len(LEVELS) - count + 1))
-        for j in range(count):
-            rows.append({"subject_index": s, "level": LEVELS[start + j], "slot": j, "n_slots": count})
+        rows += [{"subject_index": s, "level": LEVELS[start + j], "slot": j, "n_slots": count} for j in range(count)]
     target = int(round(cfg.fracture_fraction * cfg.n))
-    order = rng.permutation(n_subjects)
-    fractured = 0
     by_subject: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_subject.setdefault(r["subject_index"], []).append(i)
-    for s in order:
+    fractured = 0
+    for s in rng.permutation(n_subjects):
         if fractured >= target:
             break
         idx = by_subject[int(s)]
@@ -829,31 +707,25 @@ def plan_dataset(cfg: SynthConfig) -> list[dict]:
         for i in idx[first : first + m]:
             rows[i]["label"] = "fracture"
             fractured += 1
-    # not enough subjects for the fraction: extend injuries to a neighbouring level
-    while fractured < target:
-        cand = [
-            i
-            for i, r in enumerate(rows)
-            if "label" not in r
-            and any(
-                rows[j].get("label") == "fracture"
-                for j in (i - 1, i + 1)
-                if 0 <= j < len(rows) and rows[j]["subject_index"] == r["subject_index"]
-            )
-        ]
-        if not cand:
-            cand = [i for i, r in enumerate(rows) if "label" not in r]
+    while fractured < target:  # not enough subjects for the fraction: extend injuries to a neighbouring level
+        cand = [i for i, r in enumerate(rows) if "label" not in r and _next_to_fracture(rows, i)]
+        cand = cand or [i for i, r in enumerate(rows) if "label" not in r]
         rows[int(rng.choice(cand))]["label"] = "fracture"
         fractured += 1
     val_subjects = set(rng.permutation(n_subjects)[: int(round(cfg.val_fraction * n_subjects))].tolist())
     for i, r in enumerate(rows):
         r.setdefault("label", "normal")
-        r["fracture_type"] = (
-            str(rng.choice(FRACTURE_TYPES, p=[0.45, 0.3, 0.25])) if r["label"] == "fracture" else "none"
-        )
+        is_fracture = r["label"] == "fracture"
+        r["fracture_type"] = str(rng.choice(FRACTURE_TYPES, p=[0.45, 0.3, 0.25])) if is_fracture else "none"
         r["split"] = "val" if r["subject_index"] in val_subjects else "train"
         r["index"] = i
     return rows
+
+
+def _next_to_fracture(rows: list[dict], i: int) -> bool:
+    """Whether row ``i`` has a fractured neighbouring level of the same subject."""
+    same = [j for j in (i - 1, i + 1) if 0 <= j < len(rows) and rows[j]["subject_index"] == rows[i]["subject_index"]]
+    return any(rows[j].get("label") == "fracture" for j in same)
 
 
 def _render_row(args) -> tuple[dict, bytes, bytes | None]:
@@ -861,33 +733,16 @@ def _render_row(args) -> tuple[dict, bytes, bytes | None]:
     cfg, row = args
     sub_rng = np.random.default_rng([cfg.seed, 2, row["subject_index"]])
     subject = sample_subject(sub_rng, f"S{row['subject_index']:05d}")
-    spec = SliceSpec(
-        subject=subject,
-        level=row["level"],
-        fracture_type=row["fracture_type"],
-        difficulty=cfg.difficulty if row["label"] == "fracture" else 0.0,
-        seed=int(np.random.SeedSequence([cfg.seed, 3, row["index"]]).generate_state(1)[0]),
-    )
+    fracture = row["label"] == "fracture"
+    seed = int(np.random.SeedSequence([cfg.seed, 3, row["index"]]).generate_state(1)[0])
+    spec = SliceSpec(subject, row["level"], row["fracture_type"], cfg.difficulty if fracture else 0.0, seed)
     res = render_slice(spec, ct_model=cfg.ct_model)
-    img_bytes = _png_bytes(res.image)
-    mask_bytes = _png_bytes(res.mask.astype(np.uint8) * 255) if row["label"] == "fracture" else None
-    out = {
-        "subject_id": subject.subject_id,
-        "level": row["level"],
-        "label": row["label"],
-        "fracture_type": row["fracture_type"],
-        "difficulty": spec.difficulty if row["label"] == "fracture" else "",
-        "split": row["split"],
-        "width": res.image.shape[1],
-        "height": res.image.shape[0],
-        "pixel_mm": round(res.pixel_mm, 4),
-        "dose": round(subject.dose, 3),
-        "window_width": subject.window[0],
-        "window_level": subject.window[1],
-        "mask_pixels": int(res.mask.sum()),
-        "index": row["index"],
-    }
-    return out, img_bytes, mask_bytes
+    mask_bytes = _png_bytes(res.mask.astype(np.uint8) * 255) if fracture else None
+    out = {k: row[k] for k in ("level", "label", "fracture_type", "split")}
+    out |= {"subject_id": subject.subject_id, "difficulty": spec.difficulty if fracture else ""}
+    out |= {"width": res.image.shape[1], "height": res.image.shape[0], "pixel_mm": round(res.pixel_mm, 4)}
+    out |= {"dose": round(subject.dose, 3), "window_width": subject.window[0], "window_level": subject.window[1]}
+    return out | {"mask_pixels": int(res.mask.sum()), "index": row["index"]}, _png_bytes(res.image), mask_bytes
 
 
 def _png_bytes(arr: np.ndarray) -> bytes:
@@ -896,33 +751,26 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _is_our_dataset(out: Path) -> bool:
-    marker = out / MARKER_NAME
-    if not marker.is_file():
-        return False
+def _stored_marker(out: Path) -> dict | None:
+    """The ``dataset.json`` of a dataset made by this generator in ``out``, else ``None``."""
     try:
-        return json.loads(marker.read_text()).get("generator") == "cspine_utils.phantom"
+        stored = read_json(out / MARKER_NAME)
     except (OSError, ValueError):
-        return False
+        return None
+    return stored if isinstance(stored, dict) and stored.get("generator") == "cspine_utils.phantom" else None
 
 
 def dataset_marker(cfg: SynthConfig) -> dict:
     """What identifies a generated dataset: generator, version, source hash and parameters."""
-    return {
-        "generator": "cspine_utils.phantom",
-        "version": GENERATOR_VERSION,
-        "fingerprint": generator_fingerprint(),
-        "params": asdict(cfg),
-    }
+    marker = {"generator": "cspine_utils.phantom", "version": GENERATOR_VERSION}
+    return marker | {"fingerprint": generator_fingerprint(), "params": asdict(cfg)}
 
 
 def is_up_to_date(out: str | os.PathLike, cfg: SynthConfig) -> bool:
     """True when ``out`` holds a dataset made by this generator code with these parameters."""
-    out = Path(out)
-    if not _is_our_dataset(out) or not (out / MANIFEST_NAME).is_file():
+    stored, want = _stored_marker(Path(out)), dataset_marker(cfg)
+    if stored is None or not (Path(out) / MANIFEST_NAME).is_file():
         return False
-    stored = json.loads((out / MARKER_NAME).read_text())
-    want = dataset_marker(cfg)
     return all(stored.get(k) == want[k] for k in ("version", "fingerprint", "params"))
 
 
@@ -933,58 +781,32 @@ def generate_dataset(
 
     Layout: ``<out>/{train,val}/{fracture,normal}/*.png``, ``<out>/masks/*.png`` (fracture
     slices), ``<out>/manifest.csv`` and ``<out>/dataset.json``. Same config → byte-identical files.
-
-    A folder that already holds files and is not a dataset of ours is never touched
-    (:class:`FileExistsError`). A dataset of ours with the same parameters and generator code is
-    reused unless ``force``. The new dataset is written beside ``out`` and moved in at the end, so a
-    failure leaves the previous one intact.
+    A folder that holds other files is never touched (:class:`FileExistsError`); a dataset of ours
+    with the same parameters and generator code is reused unless ``force``. The new dataset is
+    written beside ``out`` and moved in at the end, so a failure leaves the previous one intact.
     """
     import pandas as pd  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
 
     cfg.validate()
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not _is_our_dataset(out):
+    if out.is_dir() and any(out.iterdir()) and _stored_marker(out) is None:
         raise FileExistsError(
             f"output folder {out} is not empty and is not a synthetic dataset made by cspine "
             f"(no {MARKER_NAME}); refusing to overwrite it. Choose an empty or new folder."
         )
     if not force and is_up_to_date(out, cfg):
         return pd.read_csv(out / MANIFEST_NAME, keep_default_na=False)
-    parent = out.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
-        raise PermissionError(f"cannot write the dataset under {parent}: {exc.strerror or exc}") from exc
+        raise PermissionError(f"cannot write the dataset under {out.parent}: {exc.strerror or exc}") from exc
     try:
-        rows = plan_dataset(cfg)
-        for split in ("train", "val"):
-            for label in ("fracture", "normal"):
-                (tmp / split / label).mkdir(parents=True, exist_ok=True)
-        (tmp / "masks").mkdir()
-        workers = max(1, min(workers or os.cpu_count() or 1, len(rows)))
-        jobs = [(cfg, r) for r in rows]
-        records = []
-        if workers > 1:
-            import multiprocessing as mp  # noqa: PLC0415
-
-            ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-            with ctx.Pool(workers) as pool:
-                it = pool.imap(_render_row, jobs, chunksize=4)
-                records = _write_all(tmp, it, len(jobs), progress, tqdm)
-        else:
-            records = _write_all(tmp, map(_render_row, jobs), len(jobs), progress, tqdm)
-        manifest = pd.DataFrame(records).sort_values("index").drop(columns="index")
-        manifest["seed"] = cfg.seed
-        manifest["generator_version"] = GENERATOR_VERSION
-        manifest["generator_params"] = json.dumps(asdict(cfg), sort_keys=True)
-        manifest.to_csv(tmp / MANIFEST_NAME, index=False)
-        (tmp / MARKER_NAME).write_text(json.dumps(dataset_marker(cfg), indent=2, sort_keys=True) + "\n")
+        manifest = _write_dataset(tmp, cfg, workers, progress)
         if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
@@ -993,21 +815,48 @@ def generate_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def _write_dataset(tmp: Path, cfg: SynthConfig, workers: int | None, progress: bool):
+    """Draw every planned slice (on ``workers`` processes) into ``tmp``; write the manifest and marker."""
+    import pandas as pd  # noqa: PLC0415
+
+    rows = plan_dataset(cfg)
+    for folder in ("train/fracture", "train/normal", "val/fracture", "val/normal", "masks"):
+        (tmp / folder).mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(rows)))
+    jobs = [(cfg, r) for r in rows]
+    if workers > 1:
+        import multiprocessing as mp  # noqa: PLC0415
+
+        ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
+        with ctx.Pool(workers) as pool:
+            records = _write_all(tmp, pool.imap(_render_row, jobs, chunksize=4), len(jobs), progress)
+    else:
+        records = _write_all(tmp, map(_render_row, jobs), len(jobs), progress)
+    manifest = pd.DataFrame(records).sort_values("index").drop(columns="index")
+    manifest["seed"] = cfg.seed
+    manifest["generator_version"] = GENERATOR_VERSION
+    manifest["generator_params"] = json.dumps(asdict(cfg), sort_keys=True)
+    manifest.to_csv(tmp / MANIFEST_NAME, index=False)
+    write_json(tmp / MARKER_NAME, dataset_marker(cfg), sort_keys=True)
     return manifest.reset_index(drop=True)
 
 
-def _write_all(tmp: Path, results, total: int, progress: bool, tqdm) -> list[dict]:
+def _write_all(tmp: Path, results, total: int, progress: bool) -> list[dict]:
+    """Write each slice's PNG (and mask) as it arrives; its manifest row, file columns first."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
     records = []
     for rec, img, mask in tqdm(results, total=total, disable=not progress, desc="synthetic CT", unit="slice"):
         stem = f"{rec['subject_id']}_{rec['level']}"
         rel = Path(rec["split"]) / rec["label"] / f"{stem}.png"
         (tmp / rel).write_bytes(img)
-        rec["file"] = rel.as_posix()
-        rec["mask_file"] = ""
+        rec["file"], rec["mask_file"] = rel.as_posix(), ""
         if mask is not None:
-            mrel = Path("masks") / f"{stem}_mask.png"
-            (tmp / mrel).write_bytes(mask)
-            rec["mask_file"] = mrel.as_posix()
+            (tmp / "masks" / f"{stem}_mask.png").write_bytes(mask)
+            rec["mask_file"] = f"masks/{stem}_mask.png"
         records.append(rec)
     cols = ["file", "label", "split", "subject_id", "level", "fracture_type", "difficulty", "mask_file"]
     return [{**{c: r[c] for c in cols}, **{k: v for k, v in r.items() if k not in cols}} for r in records]
@@ -1019,11 +868,11 @@ def kaggle_like_dataset(
     """Write a small dataset with the *flaws* of the public Kaggle set, for teaching the audit.
 
     Layout ``<out>/cervical fracture/{train,val}/{fracture,normal}/`` with Kaggle-style names
-    (``SYNF3 (2)-sharpened-rotated1.png``). Like the public set it is pre-augmented (each
-    source slice saved as a 512×512 grayscale original plus ``copies`` rotated/sharpened 224×224
-    RGB copies), its val folder shares source slices with train, and its classes differ by
-    anatomical level (fractures at C1-C2, normals at C5-C7) — so a model can separate them
-    without seeing any fracture. Returns the ``cervical fracture`` folder.
+    (``SYNF3 (2)-sharpened-rotated1.png``). Like the public set it is pre-augmented (each source
+    slice saved as a 512×512 grayscale original plus ``copies`` rotated/sharpened 224×224 RGB
+    copies), its val folder shares source slices with train, and its classes differ by level
+    (fractures at C1-C2, normals at C5-C7): a model can separate them without seeing any fracture.
+    Returns the ``cervical fracture`` folder.
     """
     from PIL import ImageFilter  # noqa: PLC0415
 
@@ -1033,29 +882,20 @@ def kaggle_like_dataset(
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty; choose a new folder")
     rng = np.random.default_rng([seed, 99])
-    for split in ("train", "val"):
-        for label in ("fracture", "normal"):
-            (root / split / label).mkdir(parents=True, exist_ok=True)
+    for folder in ("train/fracture", "train/normal", "val/fracture", "val/normal"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
     for k in range(n_sources):
         label = "fracture" if k % 2 == 0 else "normal"
         level = str(rng.choice(["C1", "C2"] if label == "fracture" else ["C5", "C6", "C7"]))
         subject = replace(sample_subject(rng, f"K{k}"), matrix=512)
-        spec = SliceSpec(
-            subject,
-            level,
-            str(rng.choice(FRACTURE_TYPES)) if label == "fracture" else "none",
-            0.3,
-            int(rng.integers(2**31)),
-        )
-        original = Image.fromarray(render_slice(spec).image)
+        ftype = str(rng.choice(FRACTURE_TYPES)) if label == "fracture" else "none"
+        original = Image.fromarray(render_slice(SliceSpec(subject, level, ftype, 0.3, int(rng.integers(2**31)))).image)
         stem = f"SYN{'F' if label == 'fracture' else 'N'}{k} ({int(rng.integers(1, 40))})"
         original.save(root / "train" / label / f"{stem}.png")
         for c in range(copies):
             copy = original.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BILINEAR)
-            kind = "sharpened-rotated" if c % 2 else "rotated"
-            if c % 2:
-                copy = copy.filter(ImageFilter.SHARPEN)
+            copy = copy.filter(ImageFilter.SHARPEN) if c % 2 else copy
             copy = copy.resize((224, 224), Image.Resampling.BILINEAR).convert("RGB")
             split = "val" if rng.random() < val_share else "train"  # copies of one source in both folders
-            copy.save(root / split / label / f"{stem}-{kind}{c + 1}.png")
+            copy.save(root / split / label / f"{stem}-{'sharpened-rotated' if c % 2 else 'rotated'}{c + 1}.png")
     return root
