@@ -1,31 +1,22 @@
 """A synthetic axial CT of the cervical spine, with ground-truth fracture masks.
 
-The course must run offline, and Grad-CAM can only be *checked* where we know where the fracture
-is. Every slice is built in three physical steps:
+The course must run offline, and Grad-CAM can only be *checked* where the fracture is known. Each
+slice is built in three physical steps. 1. **Anatomy in HU** (:func:`render_anatomy`): signed-
+distance fields in mm (negative inside), so cortical shells have a true thickness and edges are
+anti-aliased by the pixel size; neck tissues, airway, thyroid, mandible and the vertebra of the
+level (C1 ring with the dens, C2, C3-C6, C7) with cortical shell, cancellous bone, pedicles,
+pillars with facet joints, foramina, laminae, spinous process and the canal with cord and CSF.
+2. **Fractures** (:func:`_apply_fracture`): linear body break, posterior-element break or burst
+with retropulsion (C1: arch and Jefferson-type ring breaks). Fragments move by warping the bone's
+distance field, the gap fills with haematoma, the removed bone is the **pixel mask**;
+``difficulty`` in [0, 1] narrows the gap, reduces displacement and partly fills it. 3. **CT
+formation** (:func:`simulate_ct`): blur, sharp bone kernel and quantum noise, either by filtered
+back-projection of Poisson counts (``"fbp"``, slow) or by noise with the same power spectrum
+(``"nps"``, default; validated against ``"fbp"`` in the tests), then a bone window to 8-bit PNG.
 
-1. **Anatomy in Hounsfield units** (:func:`render_anatomy`). Shapes are signed-distance fields in
-   mm (negative inside), so cortical shells have a true thickness and edges are anti-aliased by
-   the pixel size: neck with skin, fat and muscle; fat planes, sternocleidomastoids and carotid
-   sheaths; the airway by level with the oesophagus; thyroid at C6-C7; mandible at C1-C2; the
-   vertebra of the level (C1 ring with the dens of C2, C2, typical C3-C6, C7 with its long
-   spinous process): cortical shell around cancellous bone, pedicles, articular pillars with
-   facet joints, transverse foramina, laminae, (bifid) spinous process, canal with cord and CSF;
-   a curved head-rest.
-2. **Fractures** (:func:`_apply_fracture`): a displaced linear break of the body, a posterior-
-   element break, a comminuted burst with retropulsion (at C1: arch breaks and a Jefferson-type
-   ring fracture). Fragments move by warping the bone's distance field, the gap fills with
-   haematoma, and the removed bone is the **pixel mask**. ``difficulty`` in [0, 1] narrows the
-   gap, reduces displacement and partly fills the gap (less contrast).
-3. **CT formation** (:func:`simulate_ct`): scanner blur, sharp bone kernel, quantum noise.
-   ``"fbp"`` forward-projects (scikit-image ``radon``), draws Poisson counts at the dose and
-   reconstructs by filtered back-projection (slow). ``"nps"`` (default) filters white noise to
-   the same noise power spectrum (ramp x kernel², validated against ``"fbp"`` in the tests), its
-   level growing with the X-ray path length. Then the circular field and a bone window to PNG.
-
-Subjects contribute several adjacent levels, so splits must be grouped by ``subject_id``. Normal
-and fracture slices share one distribution of anatomy, level, size, dose and resolution: only the
-fracture differs. Not modelled: beam hardening and metal, motion, partial volume across the slice,
-degenerative disease, healed fractures, ligamentous injury, the 3-D course of a fracture.
+Subjects give several adjacent levels (split by ``subject_id``); normal and fracture slices share
+one distribution of anatomy, level, size, dose and resolution. Not modelled: beam hardening,
+metal, motion, partial volume across the slice, degeneration, healed fractures, ligaments.
 """
 
 from __future__ import annotations
@@ -201,12 +192,9 @@ def _vertebra_geometry(level: str, s: float, rng: np.random.Generator) -> dict:
 
 
 def _vertebra_sdf(u: np.ndarray, v: np.ndarray, g: dict) -> dict[str, np.ndarray]:
-    """Distance fields of one vertebra in its own frame (u: patient left → right of image,
-    v: posterior, origin at the body centre; for C1 at the front of the ring).
-
-    Returns ``bone`` (whole vertebra), ``body`` (the part a body fracture may cut: the body, or
-    for C1 the anterior arch), ``canal``, ``cord`` and ``foramina``.
-    """
+    """Distance fields of one vertebra in its frame (u to the image right, v posterior, origin at the
+    body centre): ``bone``, ``body`` (what a body fracture cuts; C1: anterior arch), ``canal``, ``cord``,
+    ``foramina``, ``arch``."""
     if g["level"] == "C1":
         return _atlas_sdf(u, v, g)
     bw, bd, cw, cd = g["bw"], g["bd"], g["canal_w"], g["canal_d"]
@@ -322,15 +310,9 @@ def _break_sites(g: dict, ftype: str, n: int, rng) -> list[tuple[float, float, f
     if g["level"] == "C1":
         cy, a, b = g["ring_cy"], g["ring_a"], g["ring_b"]
         # around the ring: anterior arch (~ -90°) and posterior arch (~ +90°), off the lateral masses
-        choices = [
-            -90 + rng.uniform(-35, 35) if (ftype != "posterior" and i % 2 == 0) else 90 + rng.uniform(-40, 40)
-            for i in range(n)
-        ]
-        sites = []
-        for t in choices:
-            tr = np.deg2rad(t)
-            sites.append((a * np.cos(tr), cy + b * np.sin(tr), float(t + 90)))
-        return sites
+        anterior = [ftype != "posterior" and i % 2 == 0 for i in range(n)]
+        ts = [-90 + rng.uniform(-35, 35) if front else 90 + rng.uniform(-40, 40) for front in anterior]
+        return [(a * np.cos(np.deg2rad(t)), cy + b * np.sin(np.deg2rad(t)), float(t + 90)) for t in ts]
     bw, bd, cw, cd = g["bw"], g["bd"], g["canal_w"], g["canal_d"]
     canal_cy = bd + 0.8 + cd
     pillar = (cw + 0.6 * g["pillar_a"], canal_cy - 0.25 * cd)
@@ -408,12 +390,8 @@ def _apply_fracture(u, v, g: dict, plan: dict, px: float):
 
 # Anatomy → HU
 def render_anatomy(spec: SliceSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Draw the true HU image of one slice.
-
-    Returns ``hu``: float32 (N, N), HU before CT formation; ``tissue``: uint8 (N, N) label map
-    (:data:`TISSUE`); ``mask``: bool (N, N), the fracture (empty when ``fracture_type == "none"``);
-    ``pixel_mm``: pixel size in mm.
-    """
+    """The true HU image of one slice: ``hu`` float32 (N, N) before CT formation, ``tissue`` uint8
+    (N, N) labels (:data:`TISSUE`), ``mask`` bool (N, N) fracture pixels, ``pixel_mm``."""
     sp = spec.subject
     if spec.level not in LEVELS:
         raise ValueError(f"unknown level {spec.level!r}; choose one of {LEVELS}")
@@ -561,12 +539,10 @@ def kernel_mtf(n: int, px: float, sigma_mm: float, boost: float) -> np.ndarray:
 def nps_noise(
     shape: tuple[int, int], px: float, sd_hu: float, sigma_mm: float, boost: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Stationary FBP-like noise: white noise filtered to the power spectrum |f| · MTF(f)².
+    """Stationary FBP-like noise of standard deviation ``sd_hu``: white noise filtered to |f| · MTF(f)².
 
-    The ramp |f| is what filtered back-projection does to independent detector noise; the linear
-    interpolation of back-projection rolls it off towards the Nyquist frequency (its transfer is
-    sinc², partly refilled by aliasing: power ∝ sinc³ fits scikit-image's ``iradon``, see the
-    tests); the kernel's MTF shapes it further. Scaled to standard deviation ``sd_hu``.
+    The ramp |f| is what back-projection does to detector noise; its linear interpolation rolls it
+    off towards Nyquist (sinc², partly refilled by aliasing: power ∝ sinc³ fits ``iradon``, see tests).
     """
     n = shape[0]
     f = _freq_radius(n, px)
@@ -584,14 +560,14 @@ def _fov_circle(n: int) -> np.ndarray:
 def simulate_ct(
     hu_true: np.ndarray, px: float, subject: SubjectParams, rng: np.random.Generator, model: str = "nps"
 ) -> np.ndarray:
-    """Turn a true HU image into a reconstructed CT image (float32 HU), outside the field black.
+    """A true HU image reconstructed as CT: float32 HU, padding outside the circular field.
 
-    ``model="fbp"``: radon → Poisson counts at the subject's dose → ramp-filtered back-projection,
-    then the kernel's blur. ``model="nps"``: kernel blur plus noise with the FBP noise power
-    spectrum; its level grows with the X-ray path length through the patient.
+    ``"fbp"``: radon → Poisson counts at the subject's dose → ramp-filtered back-projection → kernel
+    blur. ``"nps"``: kernel blur plus noise of the FBP power spectrum, growing with X-ray path length.
     """
     n = hu_true.shape[0]
     inside = _fov_circle(n)
+    mtf = kernel_mtf(n, px, subject.kernel_sigma_mm, subject.kernel_boost)
     if model == "fbp":
         from skimage.transform import iradon, radon  # noqa: PLC0415 - slow path only
 
@@ -603,14 +579,9 @@ def simulate_ct(
         sino_noisy = -np.log(np.maximum(counts, 1.0) / i0)
         mu_rec = iradon(sino_noisy, theta=theta, filter_name="ramp", circle=True) / px
         hu = (mu_rec / MU_WATER_PER_MM - 1.0) * 1000.0
-        hu = np.fft.irfft2(
-            np.fft.rfft2(hu) * kernel_mtf(n, px, subject.kernel_sigma_mm, subject.kernel_boost), s=hu.shape
-        )
+        hu = np.fft.irfft2(np.fft.rfft2(hu) * mtf, s=hu.shape)
     elif model == "nps":
-        hu = np.fft.irfft2(
-            np.fft.rfft2(hu_true.astype(np.float64)) * kernel_mtf(n, px, subject.kernel_sigma_mm, subject.kernel_boost),
-            s=hu_true.shape,
-        )
+        hu = np.fft.irfft2(np.fft.rfft2(hu_true.astype(np.float64)) * mtf, s=hu_true.shape)
         # attenuation along the lateral and antero-posterior rays → noise grows with path length
         mu = np.clip(1.0 + hu_true / 1000.0, 0, None) * MU_WATER_PER_MM * px
         path = 0.5 * (np.exp(0.5 * mu.sum(axis=1))[:, None] + np.exp(0.5 * mu.sum(axis=0))[None, :])
@@ -678,12 +649,9 @@ def generator_fingerprint() -> str:
 
 
 def plan_dataset(cfg: SynthConfig) -> list[dict]:
-    """Decide every slice (subject, level, label, split) without drawing anything.
-
-    Subjects get ``slices_per_subject`` adjacent levels. Fractures are placed on 1-2 adjacent
-    levels of randomly chosen subjects until the requested fraction is reached, so the level,
-    size, dose and resolution of fracture slices follow the same distribution as normal ones.
-    """
+    """Decide every slice (subject, level, label, split) without drawing anything: subjects get
+    adjacent levels; fractures go on 1-2 adjacent levels of random subjects until the fraction is
+    reached, so fracture slices share the level, size, dose and resolution distribution of normals."""
     cfg.validate()
     rng = np.random.default_rng([cfg.seed, 1])
     k = cfg.slices_per_subject
@@ -779,11 +747,10 @@ def generate_dataset(
 ):
     """Write a synthetic dataset in the Kaggle layout and return its manifest (a DataFrame).
 
-    Layout: ``<out>/{train,val}/{fracture,normal}/*.png``, ``<out>/masks/*.png`` (fracture
-    slices), ``<out>/manifest.csv`` and ``<out>/dataset.json``. Same config → byte-identical files.
-    A folder that holds other files is never touched (:class:`FileExistsError`); a dataset of ours
-    with the same parameters and generator code is reused unless ``force``. The new dataset is
-    written beside ``out`` and moved in at the end, so a failure leaves the previous one intact.
+    ``<out>/{train,val}/{fracture,normal}/*.png``, ``masks/*.png``, ``manifest.csv``, ``dataset.json``;
+    same config → byte-identical files. A folder with other files is never touched; a dataset of
+    ours with the same parameters and code is reused unless ``force``. Written beside ``out`` and
+    moved in at the end, so a failure leaves the previous one intact.
     """
     import pandas as pd  # noqa: PLC0415
 
@@ -792,10 +759,8 @@ def generate_dataset(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and _stored_marker(out) is None:
-        raise FileExistsError(
-            f"output folder {out} is not empty and is not a synthetic dataset made by cspine "
-            f"(no {MARKER_NAME}); refusing to overwrite it. Choose an empty or new folder."
-        )
+        msg = f"output folder {out} is not empty and is not a synthetic dataset made by cspine (no {MARKER_NAME})"
+        raise FileExistsError(msg + "; refusing to overwrite it. Choose an empty or new folder.")
     if not force and is_up_to_date(out, cfg):
         return pd.read_csv(out / MANIFEST_NAME, keep_default_na=False)
     try:
@@ -867,12 +832,10 @@ def kaggle_like_dataset(
 ) -> Path:
     """Write a small dataset with the *flaws* of the public Kaggle set, for teaching the audit.
 
-    Layout ``<out>/cervical fracture/{train,val}/{fracture,normal}/`` with Kaggle-style names
-    (``SYNF3 (2)-sharpened-rotated1.png``). Like the public set it is pre-augmented (each source
-    slice saved as a 512×512 grayscale original plus ``copies`` rotated/sharpened 224×224 RGB
-    copies), its val folder shares source slices with train, and its classes differ by level
-    (fractures at C1-C2, normals at C5-C7): a model can separate them without seeing any fracture.
-    Returns the ``cervical fracture`` folder.
+    Returns ``<out>/cervical fracture`` ({train,val}/{fracture,normal}/, Kaggle-style names). Like the
+    public set: pre-augmented (a 512×512 grey original plus ``copies`` rotated/sharpened 224×224 RGB
+    copies of each source), val shares sources with train, and the classes differ by level
+    (fractures C1-C2, normals C5-C7): separable without seeing any fracture.
     """
     from PIL import ImageFilter  # noqa: PLC0415
 
