@@ -1,7 +1,7 @@
-"""Export the notebook code cells whose first line is exactly ``#@save`` into ``cspine_utils/course.py``.
+"""Export the notebook code cells whose first line is exactly ``# @save`` into ``cspine_utils/course.py``.
 
-d2l's way: in notebook order, imports hoisted and merged; ``--check`` exits 1 when ``course.py`` is stale.
-``ruff format`` writes the mark ``# @save``; both spellings mark a cell.
+d2l's way (d2l writes ``#@save``; ``ruff format`` adds the space; both count): in notebook order, imports
+hoisted and merged. ``--check`` exits 1 when ``course.py`` is stale.
 """
 
 import argparse
@@ -16,11 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = Path(__file__).with_name("course.py")
 MARKS = ("#@save", "# @save")
-HEADER = '''"""The course's code, GENERATED from the notebooks' ``#@save`` cells by ``python -m cspine_utils.export``.
-
-Do not edit: edit the cell in its notebook and re-run the export (tests/test_export.py fails when this is stale).
-"""
-'''
+HEADER = '"""GENERATED from the notebooks\' ``# @save`` cells by ``python -m cspine_utils.export``: do not edit."""\n'
 
 
 def saved_cells(notebook: Path) -> list[tuple[int, str]]:
