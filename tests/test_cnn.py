@@ -164,3 +164,18 @@ def test_the_course_recipe_learns_an_easy_phantom_set(tmp_path):
     seconds = time.perf_counter() - started
     assert auc >= 0.9, f"validation AUC {auc:.3f} after {len(history.epoch)} epochs ({seconds:.0f} s)"
     assert history.history["val_auc"][0] < 0.9  # it was learned, not there from the start
+
+
+def test_builders_keep_a_float32_output_under_mixed_float16():
+    """Both course builders under a mixed policy: float16 compute inside, a float32 probability out."""
+    original = keras.mixed_precision.global_policy().name
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        cnn = course.build_cnn(32, filters=(4, 4))
+        assert cnn.get_layer("last_conv").dtype_policy.compute_dtype == "float16"
+        assert cnn.get_layer(modelbundle.OUTPUT_LAYER).dtype_policy.compute_dtype == "float32"
+        vgg, _ = course.build_vgg16_classifier(32, weights=None, head_units=4)
+        assert vgg.get_layer("block5_conv3").dtype_policy.compute_dtype == "float16"
+        assert vgg.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy(original)
