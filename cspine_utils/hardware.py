@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import platform
 import re
@@ -16,32 +17,38 @@ from . import records
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
 
-__all__ = ["describe_device", "cpu_has_native_bfloat16", "MIXED_PRECISION_ENV", "MIN_BFLOAT16_SPEEDUP"]
-__all__ += ["precision_cache_file", "machine_key", "measure_bfloat16_speedup", "choose_cpu_policy"]
-__all__ += ["precision_choice", "enable_mixed_precision", "compute_dtypes", "as_float32"]
-
 MIXED_PRECISION_ENV = "CSPINE_MIXED_PRECISION"  #: ``off`` (float32), ``on`` (16-bit) or ``auto`` (measure)
 MIN_BFLOAT16_SPEEDUP = 1.2  #: bfloat16 on a CPU only when a measured fine-tuning step is this much faster
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 flags; "bf16" is the aarch64 feature
 
 
 def _gpu_devices() -> list:
-    """GPUs visible to TensorFlow."""
-    import tensorflow as tf  # noqa: PLC0415
+    """GPUs visible to the Keras backend in use (TensorFlow, JAX or PyTorch)."""
+    import keras  # noqa: PLC0415
 
-    return list(tf.config.list_physical_devices("GPU"))
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return [d for d in importlib.import_module("jax").devices() if d.platform == "gpu"]
+    if backend == "torch":
+        return [f"cuda:{i}" for i in range(importlib.import_module("torch").cuda.device_count())]
+    return list(importlib.import_module("tensorflow").config.list_physical_devices("GPU"))
 
 
 def describe_device() -> str:
     """Where training runs, e.g. ``"CPU only: no GPU visible to TensorFlow 2.21.0; 2 CPU cores"`` or
-    ``"GPU: 1 found (NVIDIA H100 80GB HBM3); TensorFlow 2.21.0"``."""
-    import tensorflow as tf  # noqa: PLC0415
+    ``"GPU: 1 found (NVIDIA H100 80GB HBM3); TensorFlow 2.21.0; 16 CPU cores"``."""
+    import keras  # noqa: PLC0415
 
-    gpus = _gpu_devices()
-    if not gpus:
-        return f"CPU only: no GPU visible to TensorFlow {tf.__version__}; {os.cpu_count()} CPU cores"
-    names = ", ".join(str(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)) for gpu in gpus)
-    return f"GPU: {len(gpus)} found ({names}); TensorFlow {tf.__version__}"
+    gpus, backend = _gpu_devices(), keras.backend.backend()
+    if backend == "tensorflow":
+        tf = importlib.import_module("tensorflow")
+        names = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus]
+        version = f"TensorFlow {tf.__version__}"
+    else:  # e.g. the JAX backend on a machine without TensorFlow
+        names, version = [getattr(gpu, "device_kind", gpu) for gpu in gpus], f"Keras {keras.__version__} ({backend})"
+    listed = ", ".join(sorted(set(map(str, names))))
+    found = f"GPU: {len(gpus)} found ({listed}); " if gpus else "CPU only: no GPU visible to "
+    return f"{found}{version}; {os.cpu_count()} CPU cores"
 
 
 def _cpuinfo_field(name: str, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
@@ -55,8 +62,7 @@ def _cpuinfo_field(name: str, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> s
 
 
 def cpu_has_native_bfloat16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """True when the CPU has bfloat16 instructions (``avx512_bf16``/``amx_bf16``; aarch64 ``bf16``), as
-    ``/proc/cpuinfo`` says; else False. Needed for bfloat16 to pay, not enough: then it is measured."""
+    """True when ``/proc/cpuinfo`` lists bfloat16 instructions: needed for bfloat16 to pay, not enough."""
     flags = _cpuinfo_field("flags", cpuinfo) or _cpuinfo_field("Features", cpuinfo) or ""
     return any(flag in flags.split() for flag in _CPU_BF16_FLAGS)
 
@@ -67,11 +73,12 @@ def precision_cache_file() -> Path:
 
 
 def machine_key() -> str:
-    """What a measurement depends on: CPU model, core count and TensorFlow version."""
-    import tensorflow as tf  # noqa: PLC0415
+    """What a measurement depends on: CPU model, core count, Keras backend and its version."""
+    import keras  # noqa: PLC0415
 
     model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
-    return f"{model} | {os.cpu_count()} cores | TensorFlow {tf.__version__}"
+    backend = keras.backend.backend()
+    return f"{model} | {os.cpu_count()} cores | {backend} {importlib.import_module(backend).__version__}"
 
 
 def _proxy_model(policy: str, size: int) -> keras.Model:
@@ -89,23 +96,20 @@ def _proxy_model(policy: str, size: int) -> keras.Model:
 
 
 def measure_bfloat16_speedup(batch_size: int = 16, rounds: int = 5, size: int = 24) -> dict[str, float]:
-    """``float32_s``, ``mixed_bfloat16_s`` (median seconds per fine-tuning step of ``batch_size`` images)
-    and ``speedup`` (their ratio), measured here in ~5 s on 2 cores: two warm-up steps each, then
-    ``rounds`` interleaved timed steps, so a burst of other load hits both. Leaves the global policy and
-    random state alone."""
+    """Median seconds per fine-tuning step (``float32_s``, ``mixed_bfloat16_s``) and ``speedup``, measured
+    here in ~5 s on 2 cores: two warm-up steps each, then ``rounds`` interleaved timed steps."""
     import numpy as np  # noqa: PLC0415
 
     x = np.random.default_rng(0).uniform(0.0, 1.0, (batch_size, size, size, 128)).astype("float32")
     y = (np.arange(batch_size) % 2).astype("float32")
     models = {policy: _proxy_model(policy, size) for policy in ("float32", "mixed_bfloat16")}
     seconds: dict[str, list[float]] = {policy: [] for policy in models}
-    for step in range(2 + rounds):
+    for _ in range(2 + rounds):
         for policy, model in models.items():
             t0 = time.perf_counter()
             model.train_on_batch(x, y)
-            if step >= 2:
-                seconds[policy].append(time.perf_counter() - t0)
-    f32, bf16 = statistics.median(seconds["float32"]), statistics.median(seconds["mixed_bfloat16"])
+            seconds[policy].append(time.perf_counter() - t0)
+    f32, bf16 = (statistics.median(seconds[policy][2:]) for policy in ("float32", "mixed_bfloat16"))
     return {"float32_s": f32, "mixed_bfloat16_s": bf16, "speedup": f32 / bf16}
 
 
@@ -132,14 +136,11 @@ def _measured_cpu_choice(cache_file: Path) -> tuple[str, str]:
 
 
 def precision_choice(cache_file: str | os.PathLike | None = None) -> tuple[str, str]:
-    """``(policy, why)``: the Keras dtype policy that trains VGG16 fastest here, and the reason in words.
-
-    ``CSPINE_MIXED_PRECISION=off``: float32; ``on``: 16-bit, unmeasured; ``auto`` (default): a GPU
-    ``mixed_float16``; a CPU with bfloat16 instructions ``mixed_bfloat16`` only if
-    :func:`measure_bfloat16_speedup` finds it :data:`MIN_BFLOAT16_SPEEDUP` x faster (2-core AMD EPYC
-    ~2x; 2-core Xeon with avx512_bf16, no AMX, 0.55x), measured once per machine and kept in
-    ``cache_file`` (default :func:`precision_cache_file`); float32 otherwise.
-    """
+    """``(policy, why)``: the dtype policy that trains VGG16 fastest here, and why. ``CSPINE_MIXED_PRECISION``
+    ``off``: float32; ``on``: 16-bit, unmeasured; ``auto`` (default): a GPU ``mixed_float16``; a CPU with
+    bfloat16 instructions ``mixed_bfloat16`` only if :func:`measure_bfloat16_speedup` finds it
+    :data:`MIN_BFLOAT16_SPEEDUP` x faster (2-core AMD EPYC ~2x; 2-core Xeon with avx512_bf16, no AMX, 0.55x),
+    measured once per machine, kept in ``cache_file`` (default :func:`precision_cache_file`); else float32."""
     setting = os.environ.get(MIXED_PRECISION_ENV, "").strip().lower() or "auto"
     if setting not in ("auto", "on", "off", "1", "0", "true", "false", "yes", "no"):
         raise ValueError(f"{MIXED_PRECISION_ENV}={setting!r}: use on, off or auto (measure; the default)")
@@ -188,8 +189,7 @@ def compute_dtypes(model: keras.Model) -> set[str]:
 
 
 def as_float32(model: keras.Model) -> keras.Model:
-    """The same model (architecture and weights) computing in float32 throughout; ``model`` itself if it
-    already does. Exact up to the 16-bit rounding it no longer does (mixed policies keep float32 weights)."""
+    """The same model and (float32) weights computing in float32 throughout; ``model`` itself if it does."""
     import keras  # noqa: PLC0415
 
     if compute_dtypes(model) <= {"float32"}:

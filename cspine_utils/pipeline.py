@@ -29,10 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import pandas as pd
     import tensorflow as tf
 
-__all__ = ["CLASS_NAMES", "BONE_THRESHOLD", "label_to_int", "roi_bbox", "crop_to_roi", "resize_with_pad"]
-__all__ += ["load_and_preprocess", "RandomAffine", "augmentation_layers", "make_dataset"]  # noqa: F822
-__all__ += ["shuffle_batch_augment", "load_arrays"]
-
 #: Class names in label order: ``CLASS_NAMES[1] == "fracture"`` is the positive class.
 CLASS_NAMES: tuple[str, str] = ("normal", "fracture")
 
