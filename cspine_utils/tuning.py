@@ -1,11 +1,10 @@
 """The course's speed-up of notebook 04's search: VGG16 heads searched on cached frozen-base features.
 
-A frozen base computes the same features for an image in every epoch of every trial: :class:`FeatureCache`
-runs it once (images as they are, and ``copies`` seeded augmented copies per strength) and keeps the pooled
-``avg_pool`` output ``(N, 1024)``; :class:`VGGHyperModel` trains only the head on it (epoch ``e`` reads copy
-``e mod copies``) and, for ``unfreeze_blocks > 0``, fine-tunes the classifier on images. :func:`run_search`
-records ``search_settings.json`` ("fresh" wipes the project; "resume" continues equal settings only, where
-KerasTuner's ``overwrite=False`` silently reloads any old project) and writes ``results.csv``.
+A frozen base computes the same features for an image in every trial: :class:`FeatureCache` runs it once (and
+on ``copies`` seeded augmented copies per strength); :class:`VGGHyperModel` trains only the head on the pooled
+``(N, 1024)`` features and, for ``unfreeze_blocks > 0``, fine-tunes the classifier on images. :func:`run_search`
+records ``search_settings.json`` ("resume" continues equal settings only, where KerasTuner's own
+``overwrite=False`` silently reloads any old project) and writes ``results.csv``.
 
 Distributed search (KerasTuner's chief/worker mode): the *chief* serves the oracle over gRPC, *workers* ask
 it for trials; ``--role``/``--tuner-id``/``--oracle-ip``/``--oracle-port`` set ``KERASTUNER_TUNER_ID``,
@@ -24,6 +23,7 @@ import datetime as _dt
 import gc
 import math
 import os
+import random
 import shutil
 import socket
 import sys
@@ -66,7 +66,6 @@ def _strength(value: Any) -> float:
 
 
 def _train_val(manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The train and val rows, or ``ValueError`` naming what is missing."""
     missing = [c for c in ("path", "label", "split") if c not in getattr(manifest, "columns", ())]
     if missing:
         raise ValueError(f"manifest needs columns path, label and split; missing {missing} (see data.choose_split)")
@@ -99,9 +98,8 @@ class TuningData:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if self._arrays is None:
-            size, crop = self.image_size, self.crop_roi
-            train = pipeline.load_arrays(self.train_rows, size, crop_roi=crop)
-            self._arrays = (*train, *pipeline.load_arrays(self.val_rows, size, crop_roi=crop))
+            rows = (self.train_rows, self.val_rows)
+            self._arrays = sum((pipeline.load_arrays(r, self.image_size, crop_roi=self.crop_roi) for r in rows), ())
         return self._arrays
 
 
@@ -138,12 +136,11 @@ class FeatureCache:
     def key(self, fingerprint: str, strength: float) -> str:
         """24 hex characters naming the features of an image set at an augmentation strength."""
         s, info = _strength(strength), self.weights_info
-        stamp = f"random:{self.seed}" if not info.pretrained else f"{info.source}:{os.path.basename(info.path or '')}"
-        if info.path and os.path.isfile(info.path):
-            stamp += f":{os.stat(info.path).st_size}:{os.stat(info.path).st_mtime_ns}"
+        stat = os.stat(info.path) if info.path and os.path.isfile(info.path) else None  # a replaced file is another
+        stamp = (info.source, os.path.basename(info.path or ""), stat and stat.st_size, stat and stat.st_mtime_ns)
         policy = keras.mixed_precision.global_policy().name
-        parts = (1, self.image_size, FEATURE_DIM, policy, stamp, fingerprint, round(s, 6))
-        return records.sha256_text(*map(str, parts), str(self.copies if s else 1), str(self.seed if s else ""))[:24]
+        parts = (self.image_size, policy, stamp, fingerprint, round(s, 6), self.copies if s else 1, self.seed)
+        return records.sha256_text(*map(str, parts))[:24]
 
     def get(self, images: np.ndarray, strength: float = 0.0, *, fingerprint: str | None = None) -> np.ndarray:
         """Features ``(C, N, 1024)`` float32 of ``images`` ``(N, S, S, 1)`` (``C = 1`` at strength 0, else
@@ -174,9 +171,11 @@ class FeatureCache:
         return feats
 
     def _compute(self, x: np.ndarray, strength: float) -> np.ndarray:
-        if self._extractor is None:
+        if self._extractor is None:  # seeds kept: later layers draw the same ones whether the cache was warm or not
+            states = random.getstate(), np.random.get_state()
             full = build_classifier(self.image_size, self.weights_info, self.seed)
             self._extractor = keras.Model(full.inputs, full.get_layer("avg_pool").output, name="vgg16_features")
+            random.setstate(states[0]), np.random.set_state(states[1])
         copies = [x]
         if strength:
             copies = []
@@ -189,8 +188,7 @@ class FeatureCache:
         feats = [self._extractor.predict(c, batch_size=self.batch_size, verbose=0) for c in copies]
         return np.stack(feats).astype(np.float32)
 
-    def release(self) -> None:
-        """Drop the feature extractor (about 60 MB); the features stay."""
+    def release(self) -> None:  # drop the extractor (about 60 MB); the features stay
         if self._extractor is not None:
             self._extractor = None
             gc.collect()
@@ -218,8 +216,7 @@ class FeatureBatches(keras.utils.PyDataset):
 
 
 def compile_for_search(model: keras.Model, learning_rate: float, optimizer: str = "adam") -> keras.Model:
-    """Binary cross-entropy and the one metric the tuner needs, ROC ``auc`` (each metric adds to the
-    tracing cost that dominates a trial on cached features)."""
+    """Binary cross-entropy and only the metric the tuner needs, ``auc`` (each adds to a trial's tracing time)."""
     opt = course.make_optimizer(optimizer, learning_rate)
     model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(), metrics=[keras.metrics.AUC(name="auc")])
     return model
@@ -248,10 +245,10 @@ class VGGHyperModel(keras_tuner.HyperModel):
         self.finetune_fraction = float(space.pop("finetune_fraction", 0.5))
         if space:
             raise ValueError(f"unknown options {sorted(space)}; use unfreeze_blocks, strengths, batch_sizes, ...")
-        if not (self.unfreeze_blocks and all(0 <= b <= 5 for b in self.unfreeze_blocks)):
-            raise ValueError(f"unfreeze_blocks choices must be 0-5, got {self.unfreeze_blocks!r}")
-        if not (self.strengths and self.batch_sizes and 0 < self.finetune_fraction <= 4):
-            raise ValueError("strengths and batch_sizes need a choice; finetune_fraction must be in (0, 4]")
+        if not (
+            self.unfreeze_blocks and set(self.unfreeze_blocks) <= set(range(6)) and self.strengths and self.batch_sizes
+        ):
+            raise ValueError(f"each choice list needs a value; unfreeze_blocks from 0-5, got {self.unfreeze_blocks!r}")
 
     def space(self) -> dict:
         """The choices as plain data (recorded in ``search_settings.json``)."""
@@ -320,10 +317,8 @@ class VGGHyperModel(keras_tuner.HyperModel):
                 compile_for_search(full, values["lr_finetune"], values["optimizer"])
             train = image_dataset(x_train, y_train, batch, training=True, strength=strength, seed=self.seed)
             val = image_dataset(x_val, y_val, batch, training=False)
-            weights = course.balanced_class_weights(y_train)
-            history = full.fit(
-                train, validation_data=val, epochs=epochs, class_weight=weights, shuffle=False, verbose=0
-            )
+            cw = course.balanced_class_weights(y_train)
+            history = full.fit(train, validation_data=val, epochs=epochs, class_weight=cw, shuffle=False, verbose=0)
         finally:
             del full
             gc.collect()
@@ -341,11 +336,6 @@ class _TrialBookkeeping:
         with warnings.catch_warnings():  # Hyperband reloads a head; its optimizer starts afresh
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             return super()._build_hypermodel(hp)
-
-    def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
-        # KerasTuner imports `tensorboard` here, which TensorFlow >= 2.20 no longer installs
-        if any(type(c).__name__ == "TensorBoard" for c in callbacks):
-            super()._configure_tensorboard_dir(callbacks, trial, execution)
 
     def on_trial_end(self, trial):
         seconds = time.perf_counter() - getattr(self, "_trial_started", time.perf_counter())
@@ -389,17 +379,6 @@ def make_tuner(hypermodel, kind="hyperband", *, project_dir, max_trials=None, ma
     trials = _count("max_trials", max_trials)
     extra = {"num_initial_points": max(2, trials // 3)} if key == "bayesian" else {}
     return _TUNERS[key](max_trials=trials, **extra, **common)
-
-
-def search_settings(hypermodel: VGGHyperModel, data: TuningData, kind: str, epochs: int) -> dict:
-    """What makes two searches comparable (``search_settings.json``; ``_UNCOMPARED`` entries are only recorded)."""
-    info = hypermodel.weights_info
-    out = {"space_version": SPACE_VERSION, "kind": _check_kind(kind), "objective": OBJECTIVE, "epochs": int(epochs)}
-    out.update(image_size=int(hypermodel.image_size), crop_roi=data.crop_roi, data_fingerprint=data.fingerprint)
-    out.update(weights_source=info.source, weights_file=os.path.basename(info.path) if info.path else None)
-    out.update(space=hypermodel.space(), weights=info.as_dict(), n_train=data.n_train, n_val=data.n_val)
-    out["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return out
 
 
 def _check_settings(project: Path, current: dict, *, what: str) -> dict:
@@ -493,8 +472,13 @@ def run_search(
     data = TuningData(manifest, size, crop_roi=crop_roi)
     cache = FeatureCache(size, weights, copies=copies, seed=seed, cache_dir=cache_dir)
     hypermodel = hypermodel_class(size, feature_cache=cache, seed=seed, **(hypermodel_options or {}))
-    settings = search_settings(hypermodel, data, key, n_epochs)
-    settings.update(seed=seed, max_trials=trials, profile=prof.name, versions=records.package_versions())
+    info = hypermodel.weights_info  # what makes two searches comparable; _UNCOMPARED entries are only recorded:
+    settings = dict(space_version=SPACE_VERSION, kind=key, objective=OBJECTIVE, epochs=n_epochs, image_size=size)
+    settings.update(crop_roi=data.crop_roi, data_fingerprint=data.fingerprint, space=hypermodel.space())
+    settings.update(weights_source=info.source, weights_file=os.path.basename(info.path) if info.path else None)
+    settings.update(weights=info.as_dict(), n_train=data.n_train, n_val=data.n_val, seed=seed, max_trials=trials)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    settings.update(profile=prof.name, versions=records.package_versions(), created=now)
     _prepare_project(project, settings, mode, _role())
     config.set_seed(seed)
     tuner = make_tuner(hypermodel, key, project_dir=project, max_trials=trials, max_epochs=n_epochs, seed=seed)
@@ -542,11 +526,8 @@ def results_table(project_dir) -> pd.DataFrame:
         values = ((trial.get("hyperparameters") or {}).get("values")) or {}
         values = {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in values.items()}
         names.update(dict.fromkeys(values))
-        message, run, score = (
-            (trial.get("message") or "").strip().splitlines(),
-            trial.get("run", {}),
-            trial.get("score"),
-        )
+        message, score = (trial.get("message") or "").strip().splitlines(), trial.get("score")
+        run = trial.get("run", {})
         row = {"trial_id": str(trial.get("trial_id")), "status": trial.get("status")}
         row.update(score=float("nan" if score is None else score), seconds=float(run.get("seconds", "nan")))
         row.update(tuner_id=run.get("tuner_id"), **values)
@@ -559,8 +540,7 @@ def results_table(project_dir) -> pd.DataFrame:
 
 
 def best_hyperparameters(project_dir) -> tuple[dict, dict]:
-    """The best completed trial's values (without ``tuner/...``; plus ``trial_id`` and ``score``) and
-    the project's settings. ``FileNotFoundError`` without settings, ``ValueError`` without a completed trial."""
+    """The best completed trial's values (plus ``trial_id``, ``score``) and the project's settings."""
     project = Path(project_dir)
     if not (project / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"no {SETTINGS_FILE} in {project}: not a project of run_search")
@@ -584,11 +564,14 @@ def best_head_model(project_dir) -> tuple[keras.Model, dict, dict]:
     checkpoint = project / f"trial_{values['trial_id']}" / "checkpoint.weights.h5"
     if not checkpoint.is_file():
         raise FileNotFoundError(f"the best trial's head {checkpoint} is missing; rerun the search")
-    head = course.build_head(int(values["head_units"]), float(values["dropout"]))
+    info, units, rate = (
+        pretrained.WeightsInfo(**settings["weights"]),
+        int(values["head_units"]),
+        float(values["dropout"]),
+    )
+    model = build_classifier(int(settings["image_size"]), info, int(settings.get("seed", 0)), units, rate)
+    head = course.build_head(units, rate)  # after the classifier: its layers draw the same seeds as in the search
     head.load_weights(str(checkpoint))
-    info = pretrained.WeightsInfo(**settings["weights"])
-    size, seed, units = int(settings["image_size"]), int(settings.get("seed", 0)), int(values["head_units"])
-    model = build_classifier(size, info, seed, units, float(values["dropout"]))
     return course.transplant_head(head, model), values, settings
 
 
@@ -627,12 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = run_search(
         manifest, args.profile, project_dir=args.project_dir, weights=weights, cache_dir=args.cache_dir, **options
     )
-    done = table[table["status"] == "COMPLETED"]
-    if args.role == "worker":
-        print(f"[{role}] ran {int((table['tuner_id'] == role).sum())} trial(s)", flush=True)
-    else:
-        best = f"best val_auc {done['score'].max():.3f}" if len(done) else "no completed trial"
-        print(f"[{role}] {len(table)} trial(s), {len(done)} completed, {best}", flush=True)
+    done, mine = table[table["status"] == "COMPLETED"], int((table["tuner_id"] == role).sum())
+    best = f"{len(table)} trial(s), {len(done)} completed, best val_auc {done['score'].max():.3f}"
+    print(f"[{role}] " + (f"ran {mine} trial(s)" if args.role == "worker" else best), flush=True)
     return 0
 
 
