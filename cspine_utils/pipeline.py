@@ -283,11 +283,15 @@ def _png_reader(path: str) -> int:
     CRC and the final IEND are checked: a damaged file goes to ``data.read_image``, whose error names it."""
     from . import data  # noqa: PLC0415
 
+    if Path(path).suffix.lower() in data.DICOM_EXTENSIONS:
+        return 0
     try:
-        blob = Path(path).read_bytes()
+        with open(path, "rb") as f:  # a non-PNG (JPEG, DICOM, ...) is not read past its first 8 bytes
+            blob = f.read(8)
+            blob += f.read() if blob == b"\x89PNG\r\n\x1a\n" else b""
     except OSError:
         return 0
-    if not blob.startswith(b"\x89PNG\r\n\x1a\n") or Path(path).suffix.lower() in data.DICOM_EXTENSIONS:
+    if not blob.startswith(b"\x89PNG\r\n\x1a\n"):
         return 0
     pos, reader = 8, 0
     while pos + 12 <= len(blob):
