@@ -1,12 +1,8 @@
 """An upload-and-predict app (ipywidgets 8) for notebooks and Voilà: ``gui.build_app().widget``.
 
-Top to bottom: a "teaching tool, not for diagnosis" note; **Upload** (PNG, JPEG, BMP, TIFF, DICOM),
-a **Model** drop-down of the bundles in ``artifacts/models/`` (vgg16 first) and **Refresh models**;
-a **Threshold** slider that starts at the bundle's own threshold, and a **Grad-CAM** toggle; one card
-per file (the image *as the model sees it*, the Grad-CAM overlay, probability and decision, or why
-the file cannot be used); for several files a table that can be saved as CSV. Every file goes
-through :func:`cspine_utils.predict.predict_bytes`, the code path of ``cspine predict``; uploads live
-in memory only and the upload widget is emptied at once, so a saved notebook never holds images.
+Every file goes through :func:`cspine_utils.predict.predict_bytes`, the code path of ``cspine predict``;
+uploads live in memory only and the upload widget is emptied at once, so a saved notebook never
+holds images. Teaching only, not for diagnosis.
 """
 
 from __future__ import annotations
@@ -73,7 +69,6 @@ def _note_html(max_pixels: int, max_upload_bytes: int) -> str:
 
 
 def _bundle_label(name: str, folder: Path) -> str:
-    """``"cnn (96 px, cpu profile)"`` from the bundle's record, or just the name."""
     try:
         rec = records.read_json(folder / "bundle.json")
         return f"{name} ({int(rec['image_size'])} px, {rec.get('profile') or '?'} profile)"
@@ -100,12 +95,6 @@ def _model_info_html(bundle: Bundle, name: str) -> str:
     )
 
 
-def _with_classes(widget, *names: str):
-    for name in names:
-        widget.add_class(name)
-    return widget
-
-
 def _captioned(caption: str, image: np.ndarray) -> ipywidgets.Widget:
     import ipywidgets as w  # noqa: PLC0415
 
@@ -120,7 +109,8 @@ def _card(r: predict.PredictionResult, positive: bool, show_gradcam: bool) -> ip
     if not r.ok:
         text = f'<div style="{_ERROR_STYLE}"><b>{_e(r.file)}</b>: could not be used &mdash; {_e(r.error)}</div>'
         card = w.VBox([w.HTML(text)], layout=box)
-        return _with_classes(card, "cspine-card", "cspine-error")
+        card.add_class("cspine-error")
+        return card
     colour = "#a4262c" if positive else "#107c10"
     lines = [
         f"<b>{_e(r.file)}</b>",
@@ -136,7 +126,41 @@ def _card(r: predict.PredictionResult, positive: bool, show_gradcam: bool) -> ip
     elif show_gradcam and r.gradcam_error:
         lines.append(f"<small>{_e(r.gradcam_error)}</small>")
     card = w.HBox([*images, w.HTML("<br>".join(lines), layout=w.Layout(margin="0 0 0 12px"))], layout=box)
-    return _with_classes(card, "cspine-card", "cspine-result")
+    card.add_class("cspine-result")
+    return card
+
+
+def _controls(models_dir: Path, note_html: str) -> dict[str, Any]:
+    """The app's widgets by attribute name; ``widget`` holds them all, top to bottom."""
+    import ipywidgets as w  # noqa: PLC0415
+
+    wide, c = w.Layout(width="340px"), {"note": w.HTML(note_html)}
+    c["upload"] = w.FileUpload(accept=ACCEPT, multiple=True, description="Upload")
+    c["model_dropdown"] = w.Dropdown(description="Model", options=[], layout=wide)
+    c["refresh_button"] = w.Button(
+        description="Refresh models", icon="refresh", tooltip=f"look again for bundles in {models_dir}"
+    )
+    c["threshold"] = w.FloatSlider(
+        value=0.5, min=0.0, max=1.0, step=0.001, description="Threshold", readout_format=".3f",
+        continuous_update=False, layout=wide,
+    )  # fmt: skip
+    c["gradcam"] = w.ToggleButton(
+        value=True, description="Grad-CAM overlay", icon="fire", tooltip="show where the model looked (Grad-CAM)"
+    )
+    c["clear_button"] = w.Button(description="Clear results", icon="trash")
+    c["save_button"] = w.Button(description="Save table as CSV", icon="save")
+    c.update({name: w.HTML() for name in ("model_info", "status", "table", "save_status")})
+    c["results_box"] = w.VBox()
+    c["table_box"] = w.VBox([c["table"], c["save_button"], c["save_status"]], layout=w.Layout(display="none"))
+    c["widget"] = w.VBox([
+        c["note"],
+        w.HBox([c["upload"], c["model_dropdown"], c["refresh_button"]]),
+        w.HBox([c["threshold"], c["gradcam"], c["clear_button"]]),
+        c["model_info"], c["status"], c["results_box"], c["table_box"],
+    ])  # fmt: skip
+    for name, css in (("widget", "app"), ("upload", "upload"), ("status", "status")):
+        c[name].add_class(f"cspine-{css}")
+    return c
 
 
 def _table_html(results: list[predict.PredictionResult]) -> str:
@@ -152,84 +176,8 @@ def _table_html(results: list[predict.PredictionResult]) -> str:
     )
 
 
-class App:
-    """The upload-and-predict app; display :attr:`widget`.
-
-    ``models_dir`` and ``predictions_dir`` (where "Save table as CSV" writes) default to ``models``
-    and ``predictions`` under ``config.artifacts_dir()``; images with more than ``max_pixels`` pixels
-    (default ``data.DEFAULT_MAX_PIXELS``) or uploads over ``max_upload_bytes`` are refused.
-    :attr:`widget` holds the controls (``upload``, ``model_dropdown``, ``refresh_button``,
-    ``threshold``, ``gradcam``, ``clear_button``, ``save_button``) and what is shown (``note``,
-    ``model_info``, ``status``, ``results_box``, ``table``, ``save_status``). :attr:`bundle` is the
-    model in use (None when there is none: ``status`` says what to run); :attr:`results` the
-    :class:`~cspine_utils.predict.PredictionResult` objects on screen, oldest first.
-    """
-
-    def __init__(
-        self, models_dir: str | os.PathLike | None = None, *, predictions_dir: str | os.PathLike | None = None,
-        max_pixels: int | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    ) -> None:  # fmt: skip
-        from . import data  # noqa: PLC0415
-
-        self.models_dir = Path(models_dir) if models_dir is not None else config.artifacts_dir() / "models"
-        self.predictions_dir = Path(predictions_dir) if predictions_dir else config.artifacts_dir() / "predictions"
-        self.max_pixels = int(max_pixels or data.DEFAULT_MAX_PIXELS)
-        self.max_upload_bytes = int(max_upload_bytes)
-        self.bundle: Bundle | None = None
-        self.bundle_error: str | None = None  # why there is no bundle, in plain words
-        self.results: list[predict.PredictionResult] = []
-        self._uploads: list[tuple[str, bytes]] = []  # in memory only, parallel to results
-        self._cache: dict[tuple[str, int], Bundle] = {}
-        self._quiet = False
-        self._build_widgets()
-        self.refresh_models()
-
-    def _build_widgets(self) -> None:
-        import ipywidgets as w  # noqa: PLC0415
-
-        wide = w.Layout(width="340px")
-        self.note = w.HTML(_note_html(self.max_pixels, self.max_upload_bytes))
-        self.upload = w.FileUpload(accept=ACCEPT, multiple=True, description="Upload")
-        self.model_dropdown = w.Dropdown(description="Model", options=[], layout=wide)
-        self.refresh_button = w.Button(
-            description="Refresh models", icon="refresh", tooltip=f"look again for bundles in {self.models_dir}"
-        )
-        self.threshold = w.FloatSlider(
-            value=0.5, min=0.0, max=1.0, step=0.001, description="Threshold", readout_format=".3f",
-            continuous_update=False, layout=wide,
-        )  # fmt: skip
-        self.gradcam = w.ToggleButton(
-            value=True, description="Grad-CAM overlay", icon="fire", tooltip="show where the model looked (Grad-CAM)"
-        )
-        self.clear_button = w.Button(description="Clear results", icon="trash")
-        self.model_info, self.status, self.table, self.save_status = w.HTML(), w.HTML(), w.HTML(), w.HTML()
-        self.results_box = w.VBox()
-        self.save_button = w.Button(description="Save table as CSV", icon="save")
-        self.table_box = w.VBox([self.table, self.save_button, self.save_status], layout=w.Layout(display="none"))
-        self.widget = w.VBox([
-            self.note,
-            w.HBox([self.upload, self.model_dropdown, self.refresh_button]),
-            w.HBox([self.threshold, self.gradcam, self.clear_button]),
-            self.model_info, self.status, self.results_box, self.table_box,
-        ])  # fmt: skip
-        for widget, name in ((self.widget, "app"), (self.upload, "upload"), (self.status, "status")):
-            widget.add_class(f"cspine-{name}")
-        self.upload.observe(self._guarded(self._on_upload), names="value")
-        self.model_dropdown.observe(self._guarded(self._on_model), names="value")
-        self.threshold.observe(self._guarded(self._on_threshold), names="value")
-        self.gradcam.observe(self._guarded(self._on_gradcam), names="value")
-        self.refresh_button.on_click(self._guarded(lambda _b: self.refresh_models()))
-        self.clear_button.on_click(self._guarded(lambda _b: self.clear()))
-        self.save_button.on_click(self._guarded(lambda _b: self.save_csv()))
-
-    @contextlib.contextmanager
-    def _quietly(self):
-        """Change controls without running their handlers."""
-        self._quiet = True
-        try:
-            yield
-        finally:
-            self._quiet = False
+class _ModelChoice:
+    """App part: the Model drop-down, the bundle in use (loaded once per version) and its threshold."""
 
     def refresh_models(self) -> None:
         """Look for bundles again (e.g. after running notebook 03 or 04) and fill the drop-down."""
@@ -243,7 +191,6 @@ class App:
         self.select_model(self.model_dropdown.value)
 
     def _load(self, name: str) -> Bundle:
-        """The bundle ``name``, loaded once per version of its ``bundle.json``."""
         folder = self._bundle_dirs[name]
         key = (str(folder), (folder / modelbundle.BUNDLE_FILE).stat().st_mtime_ns)
         if key not in self._cache:
@@ -253,8 +200,7 @@ class App:
 
     def select_model(self, name: str | None) -> None:
         """Load the bundle ``name`` (cached), set the threshold to its own, re-predict."""
-        self.bundle, self.bundle_error = None, None
-        self.model_info.value = ""
+        self.bundle, self.bundle_error, self.model_info.value = None, None, ""
         if not name:
             self.bundle_error = predict.no_model_message(self.models_dir)
             no_model = f"<b>No trained model yet.</b> {_e(self.bundle_error)}. Then press <i>Refresh models</i>."
@@ -277,6 +223,19 @@ class App:
         if not self._quiet:
             self.select_model(change["new"])
 
+    @contextlib.contextmanager
+    def _quietly(self):
+        """Change controls without running their handlers."""
+        self._quiet = True
+        try:
+            yield
+        finally:
+            self._quiet = False
+
+
+class _Uploads:
+    """App part: uploads predicted one by one and kept in memory (to re-predict) until cleared."""
+
     def _predict(self, name: str, content: bytes) -> predict.PredictionResult:
         shown = Path(str(name)).name or "upload"
         if self.bundle is None:
@@ -290,12 +249,9 @@ class App:
         except Exception as exc:  # noqa: BLE001 - never a traceback in the app
             return predict.PredictionResult(shown, error=predict.explain_error(exc, shown))
 
-    def predict_bytes(
-        self, name: str, content: bytes | bytearray | memoryview, *, render: bool = True
-    ) -> predict.PredictionResult:
+    def predict_bytes(self, name: str, content: bytes, *, render: bool = True) -> predict.PredictionResult:
         """Predict one file given as bytes (what the upload button does per file), show its card, return it.
 
-        ``content`` is kept in memory (to re-predict with another model), never on disk.
         ``render=False`` defers redrawing (the upload handler redraws once per batch of files).
         """
         content = bytes(content)
@@ -315,8 +271,7 @@ class App:
 
     def clear(self) -> None:
         """Remove all results (and the uploads kept in memory)."""
-        self.results, self._uploads = [], []
-        self.save_status.value = ""
+        self.results, self._uploads, self.save_status.value = [], [], ""
         self._render()
         if self.bundle is not None:
             self._set_status(_READY)
@@ -333,6 +288,10 @@ class App:
         failed = sum(not r.ok for r in self.results[-len(items) :])
         msg = f"Done: {len(items) - failed} of {len(items)} uploaded file(s) predicted"
         self._set_status(msg + (f"; {failed} could not be used (see below)." if failed else "."), error=bool(failed))
+
+
+class _Display:
+    """App part: what is shown (status, cards, table, CSV) and the threshold and Grad-CAM controls."""
 
     def _on_threshold(self, change: dict) -> None:
         if self._quiet or self.bundle is None:
@@ -370,8 +329,7 @@ class App:
         self.table.value = _table_html(self.results) if several else ""
 
     def save_csv(self) -> Path:
-        """Save the table (file, probability, decision, threshold, model, error) as
-        ``artifacts/predictions/predictions_<UTC time>.csv`` and return its path."""
+        """Save the table as ``<predictions_dir>/predictions_<UTC time>.csv``; return its path."""
         frame = predict.results_to_frame(self.results).rename(columns={"label": "decision"})
         frame.insert(4, "model", str(self.bundle.path) if self.bundle is not None else "")
         self.predictions_dir.mkdir(parents=True, exist_ok=True)
@@ -380,6 +338,48 @@ class App:
         frame.to_csv(path, index=False)
         self.save_status.value = f"Saved {len(frame)} row(s) to <code>{_e(path)}</code>"
         return path
+
+
+class App(_ModelChoice, _Uploads, _Display):
+    """The upload-and-predict app; display :attr:`widget`.
+
+    ``models_dir`` and ``predictions_dir`` (for "Save table as CSV") default to ``models`` and
+    ``predictions`` under ``config.artifacts_dir()``; images over ``max_pixels`` pixels (default
+    ``data.DEFAULT_MAX_PIXELS``) or uploads over ``max_upload_bytes`` are refused. The widgets are
+    attributes (``upload``, ``model_dropdown``, ``threshold``, ``gradcam``, ``status``, ``results_box``,
+    ``table``, ... see :func:`_controls`); :attr:`bundle` is the model in use (None: ``status`` says
+    what to run), :attr:`results` the :class:`~cspine_utils.predict.PredictionResult` on screen.
+    """
+
+    def __init__(
+        self, models_dir: str | os.PathLike | None = None, *, predictions_dir: str | os.PathLike | None = None,
+        max_pixels: int | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    ) -> None:  # fmt: skip
+        from . import data  # noqa: PLC0415
+
+        self.models_dir = Path(models_dir) if models_dir is not None else config.artifacts_dir() / "models"
+        self.predictions_dir = Path(predictions_dir) if predictions_dir else config.artifacts_dir() / "predictions"
+        self.max_pixels = int(max_pixels or data.DEFAULT_MAX_PIXELS)
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.bundle: Bundle | None = None
+        self.bundle_error: str | None = None  # why there is no bundle, in plain words
+        self.results: list[predict.PredictionResult] = []
+        self._uploads: list[tuple[str, bytes]] = []  # in memory only, parallel to results
+        self._cache: dict[tuple[str, int], Bundle] = {}
+        self._quiet = False
+        for name, widget in _controls(self.models_dir, _note_html(self.max_pixels, self.max_upload_bytes)).items():
+            setattr(self, name, widget)
+        self._connect()
+        self.refresh_models()
+
+    def _connect(self) -> None:
+        self.upload.observe(self._guarded(self._on_upload), names="value")
+        self.model_dropdown.observe(self._guarded(self._on_model), names="value")
+        self.threshold.observe(self._guarded(self._on_threshold), names="value")
+        self.gradcam.observe(self._guarded(self._on_gradcam), names="value")
+        self.refresh_button.on_click(self._guarded(lambda _b: self.refresh_models()))
+        self.clear_button.on_click(self._guarded(lambda _b: self.clear()))
+        self.save_button.on_click(self._guarded(lambda _b: self.save_csv()))
 
     def _guarded(self, handler):
         """Wrap a callback: any exception becomes a message in the app, never a traceback."""
