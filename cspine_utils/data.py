@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from . import config, dicom
+from . import config, dicom, records
 
 #: Largest image (width × height, pixels) that is decoded; bigger files are refused unread.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -238,7 +238,7 @@ class Discovery:
         splits = m["split"].replace("", "(none)").value_counts().sort_index()
         split_txt = ", ".join(f"{k} {v}" for k, v in splits.items())
         return (
-            f"{self.layout} layout at {self.root}: {len(m)} images ({labels}; splits: {split_txt}; "
+            f"{self.layout} layout at {records.shown_path(self.root)}: {len(m)} images ({labels}; splits: {split_txt}; "
             f"{m['group'].nunique()} groups), {len(self.rejected)} rejected"
         )
 

@@ -34,7 +34,7 @@ def small_dataset(tmp_path_factory):
 # --- anatomy --------------------------------------------------------------------------------
 @pytest.mark.parametrize("level", phantom.LEVELS)
 def test_tissue_hu_ranges_before_windowing(level):
-    """Pure (eroded) regions of each tissue carry the HU of shared/CT_FACTS.md."""
+    """Pure (eroded) regions of each tissue carry the HU of the phantom's tissue table (textbook CT values)."""
     spec = _spec(level=level, seed=11, matrix=512, fov_mm=180.0)
     hu, tissue, mask, px = phantom.render_anatomy(spec)
     assert not mask.any()
