@@ -10,6 +10,17 @@ from PIL import Image, ImageFilter
 from scipy import ndimage
 
 
+def toy_images(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noise images; label 1 ones carry a bright square. (n, size, size, 1) in [0, 1], (n,)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 0.3, size=(n, size, size, 1)).astype(np.float32)
+    y = np.arange(n) % 2
+    for i in np.flatnonzero(y):
+        r, c = rng.integers(2, size - 10, size=2)
+        x[i, r : r + 8, c : c + 8, 0] = 0.9
+    return x, y.astype(np.float32)
+
+
 def smooth_random_image(seed: int, size: int = 512) -> Image.Image:
     """A grayscale ('L') image of smooth random blobs; different seeds give unrelated images."""
     rng = np.random.default_rng(seed)

@@ -10,23 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import toy_images
 from PIL import Image
 
 from cspine_utils import config, course, evaluate, explain, modelbundle, phantom, pipeline
 
 # TensorFlow tensors meet NumPy 2's copy keyword inside Keras: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def toy_images(n: int = 40, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Noise images; label 1 ones carry a bright square. (n, size, size, 1) in [0, 1], (n,)."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0.0, 0.3, size=(n, size, size, 1)).astype(np.float32)
-    y = np.arange(n) % 2
-    for i in np.flatnonzero(y):
-        r, c = rng.integers(2, size - 10, size=2)
-        x[i, r : r + 8, c : c + 8, 0] = 0.9
-    return x, y.astype(np.float32)
 
 
 def compiled(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import toy_images
 
 from cspine_utils import config, course, explain, modelbundle, pretrained
 
@@ -17,17 +18,6 @@ from cspine_utils import config, course, explain, modelbundle, pretrained
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 HEAD = {"head_norm", "head_dense", modelbundle.OUTPUT_LAYER}
-
-
-def toy_images(n: int = 16, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Noise images; label 1 ones carry a bright square. (n, size, size, 1) in [0, 1], (n,)."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0.0, 0.3, size=(n, size, size, 1)).astype(np.float32)
-    y = np.arange(n) % 2
-    for i in np.flatnonzero(y):
-        r, c = rng.integers(2, size - 10, size=2)
-        x[i, r : r + 8, c : c + 8, 0] = 0.9
-    return x, y.astype(np.float32)
 
 
 class TrainableRecorder(keras.callbacks.Callback):
