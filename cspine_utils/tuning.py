@@ -52,10 +52,7 @@ SETTINGS_FILE, RESULTS_FILE, RUN_FILE = "search_settings.json", "results.csv", "
 _UNCOMPARED = {"created", "resumed", "seed", "max_trials", "weights", "n_train", "n_val", "profile", "versions"}
 
 
-def _count(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+_count = modelbundle._positive_int  # the bundle's integer check: "<name> must be an integer >= <minimum>"
 
 
 def _strength(value: Any) -> float:
