@@ -152,12 +152,14 @@ def run_course(
     report_dir: str | os.PathLike | None = None,
     render: bool = True,
     log: Callable[[str], None] = print,
+    before: Callable[[Path], None] | None = None,
 ) -> list[NotebookRun]:
     """Execute the course notebooks with papermill, then render the report.
 
     ``profile``: ``smoke``, ``cpu`` or ``gpu`` (default ``CSPINE_PROFILE`` or ``cpu``); ``data_dir``:
     dataset folder (default: the profile's synthetic set); ``only="03,04"`` or ``start_from="04"``
     select notebooks; ``report_dir`` receives ``executed/``, ``timings.json`` and the report.
+    ``before(notebook)`` runs before each notebook is executed, in the notebooks' environment.
     Raises :class:`NotebookFailed` when a notebook raises (the run stops there).
     """
     prof = config.get_profile(profile)
@@ -180,6 +182,8 @@ def run_course(
             eta = f", ETA {_fmt(remaining)} for the rest (previous run)" if remaining else ""
             log(f"[{i}/{len(chosen)}] {nb.stem} (profile {prof.name}{eta}) ...")
             out = report / "executed" / nb.name
+            if before is not None:
+                before(nb)
             seconds = _execute(nb, out, params)
             timings[nb.stem] = round(seconds, 1)
             write_json(report / "timings.json", timings, sort_keys=True)
