@@ -4,7 +4,10 @@ A network learns whatever separates the two folders. :func:`audit_dataset` check
 of the public Kaggle sets: class imbalance; image sizes or modes found in one class only (a label
 shortcut); rejected files; exact duplicates, also across labels; near-duplicate clusters; source
 groups and copies per group (the Kaggle set ships ~21 rotated/sharpened/resized copies of each
-source slice); cross-split leakage (named groups); and the **shortcut alarm** (:func:`shortcut_auc`).
+source slice); cross-split leakage (named groups); how each label is spread over **patients**
+(:func:`patient_table`: slices of one scan share anatomy, level, scanner and noise, so they are not
+independent, and a class drawn from a few scans lets a model learn the scan); and the **shortcut
+alarm** (:func:`shortcut_auc`).
 
 The shortcut alarm: a standardised, L1-penalised logistic regression on a 16 x 16 area-averaged
 thumbnail (32 x 32-pixel blocks of a 512-pixel slice, 1-1.5 cm of neck) plus intensity statistics,
@@ -42,6 +45,8 @@ DEFAULT_MAX_FILES = 4000  # images read for the shortcut model (stratified sampl
 THUMBNAIL_SIZE = 16  # pixels per side of the thumbnail the trivial model sees
 SHORTCUT_C = 0.5  # inverse L1 penalty: a shortcut needs few features, so the model is kept sparse
 MIN_MINORITY_SHARE = 0.2  # below this share of the smaller class (1:4): imbalance warning
+FEW_PATIENTS = 3  # a class from at most this many patients: labels confounded with patients
+TOP_TWO_SHARE = 0.8  # ... or at least this share of a class's slices from its two largest patients
 MANY_COPIES_PER_GROUP = 3.0  # median files per source group from which the set looks pre-augmented
 BRIGHT_LEVEL = 0.6  # grey level (0-1) above which a pixel counts as bright (bone in a bone window)
 DARK_LEVEL = 0.02  # grey level below which a pixel counts as padding/air
@@ -61,8 +66,10 @@ class AuditReport:
     ``shortcut_method`` then says why. ``warnings`` has one sentence per problem (empty when
     clean). ``tables`` (DataFrames): ``counts`` (label x split), ``sizes`` (size/mode x label),
     ``duplicates`` (exact duplicate sets), ``near_duplicates`` (clusters of more than one file),
-    ``groups`` (files per group), ``leakage`` (leaking groups), ``rejected`` (path, reason),
-    ``shortcut_features`` (AUC of each intensity statistic alone).
+    ``groups`` (files per source group), ``leakage`` (leaking groups), ``rejected`` (path, reason),
+    ``shortcut_features`` (AUC of each intensity statistic alone), ``patients`` (:func:`patient_table`).
+    Groups here are sources (copies of one slice); ``n_patients`` counts scans where names or a
+    column give one, ``leaking_patients`` those with slices in more than one split.
     """
 
     root: str
@@ -81,6 +88,9 @@ class AuditReport:
     n_exact_duplicates: int
     n_near_duplicate_clusters: int
     warnings: list[str]
+    n_patients: int = 0  # distinct patients (scans); 0 when nothing names one
+    leaking_patients: list[str] = field(default_factory=list)
+    labels_confounded_with_patients: bool = False  # the rule of _patient_warnings holds
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
@@ -112,6 +122,7 @@ class AuditReport:
             self._duplicates_text(),
             [f"Cross-split leakage: {len(self.leaking_groups)} groups in more than one split"]
             + (_head(t["leakage"], 10) if self.leaking_groups else []),
+            self._patients_text(),
             self._shortcut_text(),
             [f"Warnings: {len(self.warnings)}", *([f"  ! {w}" for w in self.warnings] or ["  none"])],
         ]
@@ -131,6 +142,20 @@ class AuditReport:
                 "    unrelated slices too; copies also show as exact duplicates or augmented names (warnings).",
             ]
         return lines
+
+    def _patients_text(self) -> list[str]:
+        table = self.tables.get("patients")
+        if table is None or table.empty:
+            return ["Patients (scans): none named (no patient column, no 'scan (slice)' file names)"]
+        rule = (
+            f"confounded when a class comes from <= {FEW_PATIENTS} patients or >= {TOP_TWO_SHARE:.0%} of it from <= 2"
+        )
+        verdict = "LABELS CONFOUNDED WITH PATIENTS" if self.labels_confounded_with_patients else "ok"
+        return [
+            f"Patients (scans): {self.n_patients}, {len(self.leaking_patients)} with slices in more than one split",
+            _indent(table.to_string(index=False)),
+            f"  {rule}: {verdict}",
+        ]
 
     def _shortcut_text(self) -> list[str]:
         lines = ["Shortcut check (trivial model: 16x16 thumbnail + intensity statistics)"]
@@ -181,11 +206,14 @@ def audit_dataset(
     near_table = near_duplicate_table(manifest)
     leaking = sorted(str(g) for g in data.cross_split_leakage(manifest))
     group_table, leak_table, cpg, group_warnings = _group_summary(manifest, near_table, leaking)
-    warnings += group_warnings
+    patients = patient_table(manifest)
+    leaking_patients = sorted(data.cross_split_leakage(manifest.assign(group=manifest["patient"]).query("group != ''")))
+    warnings += group_warnings + _patient_warnings(patients, leaking_patients)
     auc, method, feat_table = _shortcut_check(data, manifest, labels, features, read_ok, seed)
     warnings += _alarm_warnings(auc, threshold, feat_table)
     tables = {"counts": counts, "sizes": sizes, "duplicates": duplicates, "near_duplicates": near_table}
     tables |= {"groups": group_table, "leakage": leak_table, "rejected": rejected, "shortcut_features": feat_table}
+    tables["patients"] = patients
     return AuditReport(
         root=root,
         layout=layout,
@@ -203,6 +231,9 @@ def audit_dataset(
         n_exact_duplicates=len(duplicates),
         n_near_duplicate_clusters=near_table["cluster"].nunique() if len(near_table) else 0,
         warnings=warnings,
+        n_patients=int(manifest.loc[manifest["patient"] != "", "patient"].nunique()),
+        leaking_patients=leaking_patients,
+        labels_confounded_with_patients=any(w.startswith("labels confounded") for w in warnings),
         tables=tables,
     )
 
@@ -233,6 +264,9 @@ def _load_manifest(data_module, source, group_method: str) -> tuple[pd.DataFrame
         raise ValueError(f"no usable images in {root or 'the dataset'} ({len(rejected)} files rejected)")
     for col in ("label", "split", "group"):
         manifest[col] = manifest[col].fillna("").astype(str)
+    # groups here are sources (copies of one slice); patients are looked at on their own
+    manifest["group"] = manifest["source"].fillna("").astype(str) if "source" in manifest else manifest["group"]
+    manifest["patient"] = data_module.patient_keys(manifest)
     return manifest, rejected.reset_index(drop=True), root, str(getattr(source, "layout", "") or "unknown")
 
 
@@ -302,6 +336,49 @@ def _group_summary(manifest: pd.DataFrame, near_table: pd.DataFrame, leaking: li
             "(data.assign_groups + a grouped split)."
         )
     return group_table, leak_table, cpg, warnings
+
+
+def patient_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Per label: ``slices`` and ``patients``, the share of its slices held by its ``top1``-``top3``
+    patients, its ``largest`` patient and ``shared`` (patients holding both labels). Rows whose
+    ``patient`` is '' are left out; no row when no slice names a patient."""
+    cols = ["label", "slices", "patients", "top1", "top2", "top3", "largest", "shared"]
+    m = manifest[manifest["patient"].astype(str) != ""]
+    shared = int((m.groupby("patient")["label"].nunique() > 1).sum())
+    rows = []
+    for label, part in m.groupby("label"):
+        counts = part["patient"].value_counts()
+        top = [round(float(counts.iloc[:k].sum() / len(part)), 4) for k in (1, 2, 3)]
+        rows.append([label, len(part), len(counts), *top, counts.index[0], shared])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _patient_warnings(table: pd.DataFrame, leaking_patients: list[str]) -> list[str]:
+    """ "labels confounded with patients" when a class comes from <= FEW_PATIENTS patients or
+    >= TOP_TWO_SHARE of it from its two largest; patients with slices in more than one split."""
+    out = []
+    few = (
+        table[(table["patients"] <= FEW_PATIENTS) | (table["top2"] >= TOP_TWO_SHARE)] if len(table) >= 2 else table[:0]
+    )
+    if len(few):
+        detail = "; ".join(
+            f"{r.label}: {r.slices} slices from {r.patients} patient(s), {r.top2:.0%} from the largest two "
+            f"({r.largest}: {r.top1:.0%})"
+            for r in few.itertuples()
+        )
+        out.append(
+            f"labels confounded with patients: {detail} (rule: a class from <= {FEW_PATIENTS} patients, or >= "
+            f"{TOP_TWO_SHARE:.0%} of its slices from <= 2 patients). Slices of one scan share anatomy, level, scanner "
+            "and noise: a model can learn which scan a slice comes from instead of the fracture, and a score over "
+            "slices counts one patient many times. Count patients, not slices, as the sample size."
+        )
+    if leaking_patients:
+        names = ", ".join(leaking_patients[:_LIST_LIMIT]) + (", ..." if len(leaking_patients) > _LIST_LIMIT else "")
+        out.append(
+            f"patient leakage: {len(leaking_patients)} patients (scans) have slices in more than one split: {names}. "
+            "Neighbouring slices of one scan are near copies; split by patient (data.choose_split does)."
+        )
+    return out
 
 
 def _augmentation_evidence(manifest: pd.DataFrame, near_table: pd.DataFrame) -> dict:
@@ -551,7 +628,8 @@ def _stratified_sample(index: np.ndarray, labels: np.ndarray, max_files: int, se
 def _cv_groups(data_module, manifest: pd.DataFrame) -> np.ndarray:
     """The manifest's groups joined with exact duplicates; file-name sources when that leaves a
     class in fewer than two groups (hash clustering merged everything)."""
-    linked = _linked_groups(manifest, ["group", "sha256"])
+    patient = manifest["patient"].replace("", np.nan)  # slices of one scan stay on one side of a fold
+    linked = _linked_groups(manifest.assign(patient_key=patient), ["group", "sha256", "patient_key"])
     per_class = pd.Series(linked).groupby(manifest["label"].to_numpy()).nunique()
     if per_class.min() >= 2:
         return linked

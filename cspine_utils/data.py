@@ -6,7 +6,10 @@ Data flow: files → **manifest** (a DataFrame, one row per image: ``path``, ``l
 ``split-folders`` (``<dir>/<split>/<class>/*``), ``class-folders`` (``<dir>/<class>/*``) and ``csv``
 (``path,label[,group][,split]``). The Kaggle set is *pre-augmented* (``X (18)-sharpened-rotated3.png``
 and ``X (18)-rotated1.png`` are one source) and its train/val folders share sources, so images get a
-``group`` (:func:`assign_groups`) and :func:`grouped_stratified_split` never puts a group in two splits.
+``source`` (near-copies of one slice) and a ``patient`` (the scan: ``X`` of ``X (18)``, a CSV's
+``patient``/``patient_id``/``subject_id`` column, the phantom's subject), joined into the ``group``
+(:func:`assign_groups`) that :func:`grouped_stratified_split` never puts in two splits: slices of one
+scan are not independent, so a patient's slices and copies stay on one side.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ KAGGLE_FOLDER = "cervical fracture"
 CSV_NAME = "labels.csv"
 SYNTHETIC_MARKER = "dataset.json"
 SYNTHETIC_MANIFEST = "manifest.csv"
+#: Manifest/CSV columns (lower-cased) that name a slice's patient (scan), in order of preference.
+PATIENT_COLUMNS = ("patient", "patient_id", "subject_id")
 _IGNORED_DIRS = {"__macosx", "masks"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's "L"
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
@@ -222,8 +227,8 @@ class Discovery:
     """What :func:`discover` found: ``manifest``, ``rejected`` (``path``, ``reason``), ``layout``, ``root``.
 
     The manifest has one row per readable image: :data:`MANIFEST_COLUMNS` (``path`` absolute POSIX,
-    ``split`` '' without split folders, ``width``/``height`` in pixels), ``phash`` (hex, when hashed)
-    and, for the synthetic layout, ``subject_id``, ``level``, ``fracture_type``, ``difficulty``, ``mask_path``.
+    ``split`` '' without split folders, ``width``/``height`` in pixels), ``source`` and ``patient``
+    (:func:`assign_groups`), ``phash`` (hex, when hashed) and, for the synthetic layout, ``subject_id``, ``level``, ``fracture_type``, ``difficulty``, ``mask_path``.
     """
 
     manifest: pd.DataFrame
@@ -239,7 +244,7 @@ class Discovery:
         split_txt = ", ".join(f"{k} {v}" for k, v in splits.items())
         return (
             f"{self.layout} layout at {records.shown_path(self.root)}: {len(m)} images ({labels}; splits: {split_txt}; "
-            f"{m['group'].nunique()} groups), {len(self.rejected)} rejected"
+            f"{m['group'].nunique()} groups, {_n_patients(m)} patients), {len(self.rejected)} rejected"
         )
 
 
@@ -340,8 +345,8 @@ def _scan_folders(root: Path) -> list[_Entry]:
     return entries + _loose_files(root)
 
 
-def _csv_columns(csv_path: Path, table: pd.DataFrame) -> tuple[str, pd.Series, pd.Series | None, str | None]:
-    """The path column, the normalised labels and splits, and the group column of a CSV manifest."""
+def _csv_columns(csv_path: Path, table: pd.DataFrame) -> tuple:
+    """The path column, the normalised labels and splits, and the group and patient columns of a CSV manifest."""
     lower = {c.strip().lower(): c for c in table.columns}
     column = lambda *names: next((lower[n] for n in names if n in lower), None)  # noqa: E731
     path_col, label_col = column("path", "file", "filename", "image", "image_path"), column("label", "class", "target")
@@ -360,16 +365,16 @@ def _csv_columns(csv_path: Path, table: pd.DataFrame) -> tuple[str, pd.Series, p
     if splits is not None and splits.isna().any():
         bad = sorted(set(table.loc[splits.isna(), split_col]))
         raise ValueError(f"{csv_path}: unknown split(s) {', '.join(map(repr, bad))}; use train/val/test")
-    return path_col, labels, splits, column("group")
+    return path_col, labels, splits, column("group"), column(*PATIENT_COLUMNS)
 
 
 def _scan_csv(csv_path: Path) -> list[_Entry]:
-    """Entries of a ``path,label[,group][,split]`` CSV; paths relative to the CSV's folder."""
+    """Entries of a ``path,label[,group][,split][,patient]`` CSV; paths relative to the CSV's folder."""
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ValueError(f"{csv_path}: cannot be read as a CSV manifest ({exc})") from exc
-    path_col, labels, splits, group_col = _csv_columns(csv_path, table)
+    path_col, labels, splits, group_col, patient_col = _csv_columns(csv_path, table)
     entries: list[_Entry] = []
     for i, rel in enumerate(table[path_col]):
         path = Path(rel).expanduser()
@@ -377,6 +382,8 @@ def _scan_csv(csv_path: Path) -> list[_Entry]:
         entries.append((path if path.is_absolute() else csv_path.parent / path, fields))
         if group_col:
             fields["group"] = table[group_col].iat[i]
+        if patient_col:
+            fields["patient"] = table[patient_col].iat[i].strip()
     return entries
 
 
@@ -591,6 +598,39 @@ def _resolve_group_method(manifest: pd.DataFrame, method: str) -> str:
     return "name+hash"
 
 
+_SCAN_SLICE = re.compile(r"^(.*?\S)\s*\((\d+)\)$")  # "CSFDV1B10 (18)": scan CSFDV1B10, slice 18
+
+
+def patient_from_name(filename: str | os.PathLike) -> str:
+    """The scan (patient) a Kaggle-style name stands for: ``X`` of the source stem ``X (N)``, else ''.
+
+    >>> patient_from_name("CSFDV1B10 (18)-sharpened-rotated3.png"), patient_from_name("IMG_0001.png")
+    ('CSFDV1B10', '')
+    """
+    match = _SCAN_SLICE.match(source_group_from_name(filename))
+    return match.group(1) if match else ""
+
+
+def patient_keys(manifest: pd.DataFrame) -> pd.Series:
+    """Each row's patient: the first filled-in :data:`PATIENT_COLUMNS` column, else from the file name; ''."""
+    keys = pd.Series("", index=manifest.index, dtype=object)
+    for col in (c for c in PATIENT_COLUMNS if c in manifest):
+        keys = keys.where(keys != "", manifest[col].fillna("").astype(str).str.strip())
+    return keys.where(keys != "", manifest["path"].astype(str).map(patient_from_name)).rename("patient")
+
+
+def _patient_groups(source: pd.Series, patient: pd.Series) -> pd.Series:
+    """Rows sharing a source or a patient joined; named by their smallest patient (else source)."""
+    if (patient == "").all():
+        return source.copy()
+    key = patient.where(patient != "", "\0" + source)  # a row without a patient joins by its source only
+    return _union_groups([source, key], ("0" + patient).where(patient != "", "1" + source)).str[1:]
+
+
+def _n_patients(manifest: pd.DataFrame) -> int:
+    return int(manifest.loc[manifest["patient"] != "", "patient"].nunique()) if "patient" in manifest else 0
+
+
 def _union_groups(keys: list[pd.Series], names: pd.Series) -> pd.Series:
     """Join rows sharing any key; name each joined group by its smallest member name."""
     n = len(names)
@@ -603,36 +643,41 @@ def _union_groups(keys: list[pd.Series], names: pd.Series) -> pd.Series:
 def assign_groups(
     manifest: pd.DataFrame, method: str = "auto", *, max_distance: int = DEFAULT_HASH_DISTANCE
 ) -> pd.DataFrame:
-    """A copy of ``manifest`` with a ``group`` column: images that share a source.
+    """A copy of ``manifest`` with ``source`` (copies of one slice), ``patient`` and ``group`` columns.
 
-    ``method``: ``'subject'`` (``subject_id``, one simulated patient), ``'name'``
+    ``source`` by ``method``: ``'subject'`` (``subject_id``, one simulated patient), ``'name'``
     (:func:`source_group_from_name`), ``'hash'`` (:func:`near_duplicate_clusters`, named by the
     smallest stem), ``'name+hash'`` (both joined, so a renamed copy joins its source), ``'file'`` (no
     grouping), ``'column'`` (keep ``group``), ``'auto'`` (``'subject'`` if every row has one, else ``'name+hash'``).
+    ``patient``: :func:`patient_keys` ('' where nothing names one). ``group``, the unit of splits and
+    bootstraps: rows sharing a source or a patient, joined (the source alone when no row has a patient).
     """
     method = _resolve_group_method(manifest, method)
     out = manifest.copy()
     if len(out) == 0:
-        out["group"] = pd.Series(dtype=str)
+        for col in ("group", "source", "patient"):
+            out[col] = pd.Series(dtype=str)
         return out
     names = out["path"].astype(str).map(lambda p: PurePath(p).name)
     if method == "subject":
         if "subject_id" not in out:
             raise ValueError("group method 'subject' needs a subject_id column")
-        out["group"] = out["subject_id"].astype(str)
+        out["source"] = out["subject_id"].astype(str)
     elif method == "column":
         if "group" not in out or (out["group"].astype(str) == "").any():
             raise ValueError("group method 'column' needs a filled-in group column")
-        out["group"] = out["group"].astype(str)
+        out["source"] = out["group"].astype(str)
     elif method in ("file", "name"):
-        out["group"] = out["path"].astype(str) if method == "file" else names.map(source_group_from_name)
+        out["source"] = out["path"].astype(str) if method == "file" else names.map(source_group_from_name)
     else:
         clusters = near_duplicate_clusters(out, max_distance=max_distance)
         if method == "hash":
-            out["group"] = _union_groups([clusters], names.map(lambda s: PurePath(s).stem))
+            out["source"] = _union_groups([clusters], names.map(lambda s: PurePath(s).stem))
         else:
             stems = names.map(source_group_from_name)
-            out["group"] = _union_groups([stems, clusters], stems)
+            out["source"] = _union_groups([stems, clusters], stems)
+    out["patient"] = patient_keys(out)
+    out["group"] = _patient_groups(out["source"], out["patient"])
     return out
 
 
@@ -714,7 +759,8 @@ def _resplit(
     else:
         examples = ", ".join(repr(g) for g in leaking[:3]) + ", ..." * (len(leaking) > 3)
         why = (
-            f"the dataset's own split folders leak: {len(leaking)} source groups appear in more "
+            f"the dataset's own split folders leak: {len(leaking)} groups (a patient's slices or copies of "
+            "a slice) appear in more "
             f"than one of them (e.g. {examples}), so validation would score copies of training "
             "images; the data were re-split by group"
         )
@@ -737,11 +783,11 @@ def _keep_folders(m: pd.DataFrame, leaking: list[str], f: np.ndarray, seed: int)
     kept = "/".join(s for s in SPLITS if s in present)
     if leaking:
         msg = (
-            f"kept the dataset's own {kept} folders as asked, although {len(leaking)} source groups "
+            f"kept the dataset's own {kept} folders as asked, although {len(leaking)} groups "
             "appear in more than one of them: validation scores will be optimistic"
         )
     else:
-        msg = f"kept the dataset's own {kept} folders (no source group appears in more than one)"
+        msg = f"kept the dataset's own {kept} folders (no group appears in more than one)"
     if missing:
         msg += f" and carved {' and '.join(missing)} out of train by group"
     return m, f"{msg}: {_split_counts(m)} images."
@@ -772,7 +818,8 @@ def choose_split(discovery, policy: str = "auto", seed: int = 0, fractions=(0.8,
 
 # ------------------------------------------------------------------------------ saving and loading manifests
 _STRING_COLUMNS = set(
-    "path label group split folder_split mode phash subject_id level fracture_type difficulty mask_path".split()
+    "path label group source patient patient_id split folder_split mode phash subject_id level fracture_type "
+    "difficulty mask_path".split()
 )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import KAGGLE_LEAKY, KAGGLE_SOURCES, KAGGLE_VAL_ONLY, smooth_random_image
+from conftest import KAGGLE_LEAKY, KAGGLE_SOURCES, smooth_random_image
 from PIL import Image
 
 from cspine_utils import data
@@ -89,29 +89,36 @@ def test_discover_kaggle_from_parent_and_from_the_folder_itself(kaggle_dataset):
     assert m["phash"].str.len().eq(256).all()
 
 
-def test_kaggle_groups_are_source_stems(kaggle_dataset):
+def test_kaggle_sources_are_stems_and_groups_are_scans(kaggle_dataset):
     m = data.discover(kaggle_dataset).manifest
     expected = {s for stems in KAGGLE_SOURCES.values() for s in stems}
-    assert set(m["group"]) == expected
-    assert (m.groupby("group").size() == 4).all()
+    assert set(m["source"]) == expected
+    assert (m.groupby("source").size() == 4).all()
+    # "CSFDV1B10 (18)" is slice 18 of scan CSFDV1B10: the scan is the patient and the group
+    assert (m["patient"] == m["source"].str.split(" (", regex=False).str[0]).all()
+    assert (m["group"] == m["patient"]).all()
+    assert m.groupby("group")["source"].nunique().to_dict()["CSFDV1B10"] == 2
 
 
-def test_leakage_detection_finds_shared_stems(kaggle_dataset):
+def test_leakage_detection_finds_shared_stems_and_scans(kaggle_dataset):
     m = data.discover(kaggle_dataset).manifest
-    assert data.cross_split_leakage(m) == sorted(KAGGLE_LEAKY)
-    assert not set(data.cross_split_leakage(m)) & KAGGLE_VAL_ONLY
+    assert data.cross_split_leakage(m.assign(group=m["source"])) == sorted(KAGGLE_LEAKY)
+    # by scan, NCSV1B9 leaks too: its slice (2) is in train, its slice (3) in val
+    assert data.cross_split_leakage(m) == ["CSFDV1B10", "NCSV1B1", "NCSV1B9"]
+    assert "CSFDV1B8" not in data.cross_split_leakage(m)  # its only slice is in val only
 
 
 def test_choose_split_resplits_when_the_folders_leak(kaggle_dataset):
     disc = data.discover(kaggle_dataset)
     out, message = data.choose_split(disc, seed=0)
     assert "leak" in message and "re-split by group" in message
-    assert "CSFDV1B10 (18)" in message
+    assert "'CSFDV1B10'" in message
     assert data.cross_split_leakage(out) == []
+    assert data.cross_split_leakage(out.assign(group=out["patient"])) == []
     assert set(out["split"]) == {"train", "val", "test"}
     assert (out["folder_split"] == disc.manifest["split"]).all()
     kept, kept_message = data.choose_split(disc, policy="keep")
-    assert "optimistic" in kept_message and data.cross_split_leakage(kept) == sorted(KAGGLE_LEAKY)
+    assert "optimistic" in kept_message and data.cross_split_leakage(kept) == ["CSFDV1B10", "NCSV1B1", "NCSV1B9"]
 
 
 def test_renamed_and_reencoded_copies_join_their_source_group(kaggle_copy):
@@ -121,12 +128,15 @@ def test_renamed_and_reencoded_copies_join_their_source_group(kaggle_copy):
     small = Image.open(source).convert("RGB").resize((224, 224))
     small.save(root / "val" / "fracture" / "scan 7.jpg", quality=90)  # re-encoded, resized copy
     m = data.discover(kaggle_copy).manifest
-    by_name = dict(zip(m["path"].map(lambda p: Path(p).name), m["group"]))
-    assert by_name["IMG_0001.png"] == "CSFDV1B7 (1)"
-    assert by_name["scan 7.jpg"] == "CSFDV1B7 (1)"
-    assert "CSFDV1B7 (1)" in data.cross_split_leakage(m)
+    by_name = m.set_index(m["path"].map(lambda p: Path(p).name))
+    assert by_name.at["IMG_0001.png", "source"] == "CSFDV1B7 (1)"
+    assert by_name.at["scan 7.jpg", "source"] == "CSFDV1B7 (1)"
+    # no name gives their patient, but their copy joins them to scan CSFDV1B7's group
+    assert by_name.at["IMG_0001.png", "patient"] == "" and by_name.at["scan 7.jpg", "group"] == "CSFDV1B7"
+    assert "CSFDV1B7" in data.cross_split_leakage(m)
     name_only = data.assign_groups(m, "name")
     assert name_only.loc[name_only["path"].str.endswith("IMG_0001.png"), "group"].item() == "IMG_0001"
+    assert name_only.loc[name_only["path"].str.endswith("IMG_0001.png"), "source"].item() == "IMG_0001"
 
 
 def test_near_duplicate_clusters_without_stored_hashes(kaggle_dataset):
@@ -134,11 +144,11 @@ def test_near_duplicate_clusters_without_stored_hashes(kaggle_dataset):
     clusters = data.near_duplicate_clusters(m)
     assert len(clusters) == len(m) and (clusters.index == m.index).all()
     # the original and its sharpened copy are one cluster; unrelated sources never share one
-    for group, part in m.groupby("group"):
-        plain = part["path"].str.endswith(f"{group}.png")
-        sharp = part["path"].str.endswith(f"{group}-sharpened.png")
+    for source, part in m.groupby("source"):
+        plain = part["path"].str.endswith(f"{source}.png")
+        sharp = part["path"].str.endswith(f"{source}-sharpened.png")
         assert clusters[part.index[plain]].item() == clusters[part.index[sharp]].item()
-    assert (pd.crosstab(clusters, m["group"]).gt(0).sum(axis=1) == 1).all()
+    assert (pd.crosstab(clusters, m["source"]).gt(0).sum(axis=1) == 1).all()
 
 
 # ------------------------------------------------------------------------ other layouts
