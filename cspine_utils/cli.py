@@ -3,12 +3,15 @@
     cspine data synth --out DIR --n N --seed S [--difficulty D]   generate a synthetic dataset
     cspine data default [--profile P]                            the profile's default dataset
     cspine data montage --out PNG                                figure of the phantom
-    cspine run [--profile P] [--data-dir D] [--only 03,04] [--from 04]   the whole course + report
+    cspine run [--profile P] [--data-dir D] [--only 03,04] [--from 04] [--app-screenshot PNG]
+                                                                the whole course + report
     cspine audit DATA_DIR [--json] [--seed S]                   dataset checks before training
     cspine predict PATH... [--model DIR] [--threshold T] [--json] [--gradcam OUT_DIR]
                                                                 fracture probabilities (teaching only)
 
 Errors are printed as one line naming the problem (exit code 1); usage errors exit with 2.
+TensorFlow is started as quietly as in the notebooks (:func:`config.quiet_tensorflow_start`): its
+benign native start-up notices are held back, genuine errors still reach stderr.
 """
 
 from __future__ import annotations
@@ -88,11 +91,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from . import report  # noqa: PLC0415
+    from . import appshot, report  # noqa: PLC0415
 
+    before = appshot.course_hook(args.app_screenshot) if args.app_screenshot else None
     try:
         runs = report.run_course(
-            args.profile, args.data_dir, only=args.only, start_from=args.start_from, render=not args.no_render
+            args.profile,
+            args.data_dir,
+            only=args.only,
+            start_from=args.start_from,
+            render=not args.no_render,
+            before=before,
         )
     except report.NotebookFailed as exc:
         print(f"cspine: error: {exc}", file=sys.stderr)
@@ -120,6 +129,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     bundle_dir = Path(args.model) if args.model else predict.default_bundle_dir()
     if bundle_dir is None:
         return _usage_error(predict.no_model_message())
+    config.quiet_tensorflow_start()
     try:
         bundle = modelbundle.load_bundle(bundle_dir)
     except (FileNotFoundError, ValueError, OSError) as exc:
@@ -210,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 03,04")
     r.add_argument("--from", dest="start_from", default=None, help="resume from this notebook, e.g. 04")
     r.add_argument("--no-render", action="store_true", help="execute only; do not render the report")
+    r.add_argument(
+        "--app-screenshot",
+        default=None,
+        metavar="PNG",
+        help="before notebook 06, screenshot its app in headless Chromium (Voilà, the course's bundle, a test "
+        "fracture slice, Grad-CAM on) into PNG, with PNG's .json beside it; make run: report/figures/gui.png",
+    )
     r.set_defaults(func=_cmd_run)
     _add_predict_parser(sub)
     return p
