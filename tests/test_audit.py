@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import kaggle_layout
 import numpy as np
 import pandas as pd
 import pytest
@@ -158,6 +159,8 @@ def test_synthetic_dataset_is_clean(synthetic):
     assert not rep.shortcut_alarm
     assert not any("SHORTCUT" in w or "leakage" in w for w in rep.warnings)
     assert not any("pre-augmented" in w for w in rep.warnings)
+    assert rep.n_patients == rep.n_groups == 20  # the phantom's subjects, 5 slices each
+    assert not rep.labels_confounded_with_patients and rep.leaking_patients == []
 
 
 def test_single_class_dataset_warns_and_goes_on(tmp_path, synthetic):
@@ -243,3 +246,54 @@ def test_to_dict_tables_are_records(kaggle):
     d = kaggle["report"].to_dict()
     assert isinstance(d["counts"], list) and isinstance(d["counts"][0], dict)
     assert pd.DataFrame(d["sizes"]).shape[0] == len(kaggle["report"].tables["sizes"])
+
+
+# --------------------------------------------------------------------------------------------
+# Patients, not slices (Kaggle layout whose labels follow the scans)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def confounded(tmp_path_factory) -> audit.AuditReport:
+    return audit.audit_dataset(kaggle_layout.write_scans(tmp_path_factory.mktemp("scans"), kaggle_layout.CONFOUNDED))
+
+
+def test_labels_confounded_with_patients_are_reported(confounded):
+    rep = confounded
+    assert rep.n_patients == 4 and rep.n_groups == 18  # 4 scans, 18 slices, 3 copies each
+    table = rep.tables["patients"].set_index("label")
+    assert table.loc["normal", ["slices", "patients", "top1"]].tolist() == [27, 1, 1.0]
+    assert table.loc["normal", "largest"] == "NCSV1B4"
+    assert table.loc["fracture", ["slices", "patients"]].tolist() == [27, 3]
+    assert table.loc["fracture", "top2"] == pytest.approx(8 / 9, abs=1e-4)
+    assert table.loc["fracture", "top3"] == 1.0 and (table["shared"] == 0).all()
+    warning = next(w for w in rep.warnings if w.startswith("labels confounded with patients"))
+    assert "normal: 27 slices from 1 patient(s)" in warning and "fracture: 27 slices from 3 patient(s)" in warning
+    assert f"<= {audit.FEW_PATIENTS} patients" in warning
+    assert rep.labels_confounded_with_patients
+    assert rep.leaking_patients == ["CSFDV1B10", "CSFDV1B7", "NCSV1B4"]  # their last slices are in val
+    assert any(w.startswith("patient leakage: 3 patients") for w in rep.warnings)
+    text = rep.to_text()
+    assert "Patients (scans): 4, 3 with slices in more than one split" in text and "LABELS CONFOUNDED" in text
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["labels_confounded_with_patients"] is True and d["n_patients"] == 4
+    assert {r["label"]: r["patients"] for r in d["patients"]} == {"fracture": 3, "normal": 1}
+
+
+def test_balanced_patients_raise_no_confounding_warning(tmp_path):
+    rep = audit.audit_dataset(kaggle_layout.write_scans(tmp_path, kaggle_layout.BALANCED))
+    assert rep.n_patients == 10
+    assert rep.tables["patients"]["patients"].tolist() == [5, 5]
+    assert rep.tables["patients"]["top2"].tolist() == [0.4, 0.4]
+    assert not rep.labels_confounded_with_patients
+    assert not any("confounded" in w for w in rep.warnings)
+    assert "ok" in rep._patients_text()[-1]
+
+
+def test_no_patient_key_says_so(tmp_path):
+    for label in ("fracture", "normal"):
+        (tmp_path / label).mkdir()
+        for k in range(4):
+            image = Image.new("L", (64, 64), 40 * k + (label == "fracture") * 20)
+            image.save(tmp_path / label / f"img_{k}.png")
+    rep = audit.audit_dataset(tmp_path)
+    assert rep.n_patients == 0 and rep.tables["patients"].empty and not rep.labels_confounded_with_patients
+    assert "none named" in rep.to_text()

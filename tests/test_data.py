@@ -6,6 +6,7 @@ import io
 import shutil
 from pathlib import Path
 
+import kaggle_layout
 import numpy as np
 import pandas as pd
 import pytest
@@ -345,3 +346,44 @@ def test_check_two_classes():
     data.check_two_classes(pd.DataFrame({"label": ["fracture", "normal"]}))
     with pytest.raises(ValueError, match="only one class found: 'normal'"):
         data.check_two_classes(pd.DataFrame({"label": ["normal", "normal"]}))
+
+
+# ------------------------------------------------------------------------ patients
+def test_patient_keys_from_names_columns_and_subjects():
+    m = pd.DataFrame(
+        {
+            "path": ["/d/CSFDV1B10 (18)-sharpened-rotated3.png", "/d/a (2).png", "/d/IMG_7.png", "/d/x.png"],
+            "label": ["fracture"] * 4,
+            "patient_id": ["", "P9", "", ""],
+            "subject_id": ["", "S1", "S2", ""],
+        }
+    )
+    assert data.patient_keys(m).tolist() == ["CSFDV1B10", "P9", "S2", ""]
+    assert data.patient_from_name("scan 7 (3) - Copy.png") == "scan 7"
+    assert data.patient_from_name("IM-0001-0023.dcm") == ""
+
+
+def test_grouped_split_never_separates_a_patient(tmp_path):
+    disc = data.discover(kaggle_layout.write_scans(tmp_path, kaggle_layout.BALANCED))
+    m = disc.manifest
+    assert m["patient"].nunique() == 10 and (m["group"] == m["patient"]).all()
+    assert data.cross_split_leakage(m) == sorted(m["patient"].unique())  # each scan's last slice is in val
+    out, message = data.choose_split(disc, seed=0, fractions=(0.6, 0.2, 0.2))
+    assert "re-split by group" in message
+    assert out.groupby("patient")["split"].nunique().max() == 1
+    assert out.groupby("source")["split"].nunique().max() == 1
+    assert set(out["split"]) == {"train", "val", "test"}
+
+
+def test_csv_patient_column_makes_the_groups(tmp_path):
+    paths = write_images(tmp_path / "img", 6, seed=4)
+    rows = [
+        {"path": p.name, "label": "fracture" if i < 3 else "normal", "Patient_ID": f"P{i % 2}"}
+        for i, p in enumerate(paths)
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "img" / "labels.csv", index=False)
+    m = data.discover(tmp_path / "img" / "labels.csv").manifest
+    assert m["patient"].tolist() == ["P0", "P1", "P0", "P1", "P0", "P1"]
+    assert (m["group"] == m["patient"]).all()
+    out = data.grouped_stratified_split(m, seed=0)
+    assert out.groupby("patient")["split"].nunique().max() == 1
