@@ -4,7 +4,9 @@
 ``report/executed/`` (never over the source), with progress and an ETA. A failing notebook stops the
 run with one message (notebook, cell, error); its partial copy is kept and ``--from NN`` resumes.
 :func:`render_report` writes ``report/html/``, ``README.md`` (the same text as ``index.html``) and
-``run.json`` (the facts, for tools). The report shows paths relative to the repository only.
+``run.json`` (the facts, for tools). The report shows paths relative to the repository only, and
+says what it ran on: its note, data source and captions are computed from the run (phantom or your
+data, the audit's alarms, what notebook 01 measured), and an audit alarm stands above the metrics.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from pathlib import Path
 from . import config
 from .records import COURSE_PACKAGES, package_versions, read_json, shown_path, write_json
 
-# Figures shown inline in the report index, in this order, when they exist.
+# Figures shown inline in the report index, in this order, when they exist; the captions of the
+# first two are computed by _captions (the montage only for the phantom, the class means as measured).
 KEY_FIGURES = (
     ("phantom_montage", "The synthetic CT phantom: normal and fracture slices, fracture masks in red"),
-    ("01_class_means", "Mean image per class: no coarse difference between the classes"),
+    ("01_class_means", "Mean image per class"),
     ("02_augmentation_gallery", "Augmentation for axial CT"),
     ("03_cnn_learning_curves", "CNN learning curves"),
     ("04_vgg_learning_curves", "VGG16 learning curves (head, then fine-tuning)"),
@@ -35,7 +38,10 @@ KEY_FIGURES = (
     ("gui", "The upload-and-predict app (Voilà, real browser)"),
 )
 TITLE = "Cervical spine fracture detection on CT — the rendered course"
-NOTE = "Teaching project, not a medical device. Results are on a synthetic phantom unless stated otherwise."
+NOTE = "Teaching project, not a medical device."
+#: Largest difference (0-1 grey scale) of the two class-mean images (notebook 01) from which the
+#: classes are said to differ in coarse appearance (the cpu phantom measures below 0.1).
+CLASS_MEANS_VISIBLE = 0.15
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
 _PAPERMILL_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
 _METRIC_PREFIXES = ("model", "weights", "n", "ROC AUC", "PR AUC", "sensitivity (", "specificity (")
@@ -226,18 +232,48 @@ def _bundle_facts(art: Path) -> dict[str, dict]:
     return bundles
 
 
+def _data_source(audit: dict, data_dir: str | None, profile: str) -> tuple[bool, str]:
+    """(whether the data are the phantom, the data folder without a machine path and its layout)."""
+    layout = audit.get("layout") or ("" if data_dir else "synthetic")
+    if layout == "synthetic" and not data_dir:
+        return True, f"synthetic phantom (default dataset of the {profile} profile)"
+    where = data_dir or audit.get("root")
+    shown = shown_path(where) if where else "unknown data"
+    return layout == "synthetic", shown + (f" ({layout} layout)" if layout not in ("", "synthetic") else "")
+
+
+def _alarms(audit: dict) -> list[str]:
+    """The audit's alarms that make a test score no evidence of fracture detection, in words."""
+    from . import data  # noqa: PLC0415 - pandas only when rendering
+
+    alarms = []
+    if audit.get("shortcut_alarm"):
+        alarms.append(f"shortcut AUC {audit['shortcut_auc']:.2f}")
+    if audit.get("labels_confounded_with_patients"):
+        alarms.append("labels confounded with patients")
+    try:
+        leaking = data.cross_split_leakage(data.load_manifest(data.artifacts_manifest_path()))
+    except (OSError, ValueError):
+        leaking = []
+    return alarms + ([f"{len(leaking)} group(s) with slices in two splits"] if leaking else [])
+
+
 def _collect_facts(report: Path, notebooks: list[Path], profile: str, data_dir: str | None) -> dict:
     art = config.artifacts_dir()
     timings = _read_optional(report / "timings.json")
     audit = _read_optional(art / "data" / "audit.json")
-    audit_keys = ("n_files", "n_rejected", "n_groups", "leaking_groups", "shortcut_auc", "warnings")
+    audit_keys = ("layout", "n_files", "n_rejected", "n_groups", "n_patients", "leaking_groups", "leaking_patients")
+    audit_keys += ("shortcut_auc", "shortcut_alarm", "labels_confounded_with_patients", "warnings")
     versions = package_versions((*COURSE_PACKAGES, "papermill"))
-    data = shown_path(data_dir) if data_dir else f"synthetic phantom (default dataset of the {profile} profile)"
+    phantom, source = _data_source(audit, data_dir, profile)
     return {
         "rendered": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notebooks_commit": _git_commit(notebooks[0].parent) if notebooks else "unknown",
         "profile": profile,
-        "data_source": data,
+        "data_source": source,
+        "phantom": phantom,
+        "alarms": _alarms(audit),
+        "class_means": _read_optional(art / "data" / "class_means.json") or None,
         "notebooks": [
             {"name": nb.stem, "html": f"html/{nb.stem}.html", "seconds": timings.get(nb.stem)} for nb in notebooks
         ],
@@ -270,7 +306,7 @@ def render_report(
         body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
         (report / "html" / f"{nb.stem}.html").write_text(body, encoding="utf-8")
     facts = _collect_facts(report, notebooks, config.get_profile(profile).name, data_dir)
-    figures = [(name, caption) for name, caption in KEY_FIGURES if (report / "figures" / f"{name}.png").is_file()]
+    figures = [(name, caption) for name, caption in _captions(facts) if (report / "figures" / f"{name}.png").is_file()]
     facts["figures"] = [f"figures/{name}.png" for name, _ in figures]
     write_json(report / "run.json", facts)
     markdown = _markdown(facts, figures)
@@ -280,6 +316,32 @@ def render_report(
 
 
 # The report's content is written once, in Markdown (README.md); index.html is that text rendered.
+def _captions(facts: dict) -> list[tuple[str, str]]:
+    """:data:`KEY_FIGURES` as this run allows: the phantom montage only for phantom data, the
+    class-means caption from the difference notebook 01 measured (``class_means.json``)."""
+    means = facts.get("class_means") or {}
+    out = []
+    for name, caption in KEY_FIGURES:
+        if name == "phantom_montage" and not facts["phantom"]:
+            continue
+        if name == "01_class_means" and isinstance(means.get("max_abs_difference"), (int, float)):
+            diff = means["max_abs_difference"]
+            verdict = (
+                "no coarse difference between the classes"
+                if diff < CLASS_MEANS_VISIBLE
+                else "the classes differ in coarse appearance, a shortcut a network can learn"
+            )
+            caption = f"{caption}: largest difference {diff:.2f} of the grey range, {verdict}"
+        out.append((name, caption))
+    return out
+
+
+def _note(facts: dict) -> str:
+    if facts["phantom"]:
+        return f"{NOTE} Results are on the course's synthetic phantom: they say nothing about real CT."
+    return f"{NOTE} Results are on {facts['data_source']}, not the phantom; read the dataset audit before any figure."
+
+
 def _metrics_markdown(facts: dict) -> list[str]:
     """Notebook 05's combined test-set table (model, weights, n, AUCs, sensitivity/specificity)."""
     metrics = facts.get("metrics") or {}
@@ -289,7 +351,10 @@ def _metrics_markdown(facts: dict) -> list[str]:
     # model, weights, n in this order; then the AUCs, sensitivities and specificities in table order
     header = [c for c in _METRIC_PREFIXES[:3] if c in records[0]]
     header += [c for c in records[0] if c.startswith(_METRIC_PREFIXES[3:])]
-    lines = ["## Test-set metrics (95 % CIs by grouped bootstrap)", "", _row(header), "|" + "---|" * len(header)]
+    lines = ["## Test-set metrics (95 % CIs by grouped bootstrap)", ""]
+    if facts.get("alarms"):
+        lines += [f"**Not evidence of fracture detection: {', '.join(facts['alarms'])}** (dataset audit below).", ""]
+    lines += [_row(header), "|" + "---|" * len(header)]
     lines += [_row(str(r.get(c, "")) for c in header) for r in records] + [""]
     if metrics.get("paired_test"):
         lines += [f"Paired bootstrap test of the AUC difference: {metrics['paired_test']}", ""]
@@ -305,7 +370,7 @@ def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
         f"Profile **{facts['profile']}** · data: {facts['data_source']} · rendered {facts['rendered']} · "
         f"notebooks at commit `{facts['notebooks_commit'][:12]}`"
     )
-    lines = [f"# {TITLE}", "", f"> {NOTE}", "", byline, "", "## Notebooks", "", _row(["notebook", "wall time"])]
+    lines = [f"# {TITLE}", "", f"> {_note(facts)}", "", byline, "", "## Notebooks", "", _row(["notebook", "wall time"])]
     lines.append("|---|---|")
     for nb in facts["notebooks"]:
         secs = "not run" if nb["seconds"] is None else f"{nb['seconds']:.0f} s"
@@ -320,8 +385,9 @@ def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
     audit = facts.get("audit") or {}
     if audit:
         summary = (
-            f"{audit.get('n_files')} files, {audit.get('n_groups')} source groups, {audit.get('n_rejected')} "
-            f"rejected, leaking groups: {len(audit.get('leaking_groups') or [])}, shortcut AUC: {audit.get('shortcut_auc')}"
+            f"{audit.get('n_files')} files, {audit.get('n_groups')} source groups, {audit.get('n_patients', 0)} "
+            f"patients, {audit.get('n_rejected')} rejected, leaking groups: {len(audit.get('leaking_groups') or [])}, "
+            f"shortcut AUC: {audit.get('shortcut_auc')}"
         )
         lines += ["## Dataset audit", "", summary, ""] + [f"- {w}" for w in audit.get("warnings") or []] + [""]
     lines += ["## Key figures", ""] if figures else []

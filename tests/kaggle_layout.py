@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import smooth_random_image
-from PIL import Image
+from PIL import Image, ImageFilter
 
 #: label -> {scan: slice numbers}
 CONFOUNDED = {
@@ -43,6 +43,7 @@ def write_scans(parent: Path, plan: dict[str, dict[str, list[int]]], size: int =
                 folder = root / split / label
                 folder.mkdir(parents=True, exist_ok=True)
                 for copy in COPIES:
-                    shown = image.rotate(3 if copy else 0, resample=Image.Resampling.BILINEAR)
+                    shown = image.filter(ImageFilter.SHARPEN) if "sharpened" in copy else image
+                    shown = shown.rotate(int(copy[-1]) if copy else 0, resample=Image.Resampling.BILINEAR)
                     shown.save(folder / f"{scan} ({n}){copy}.png")
     return root

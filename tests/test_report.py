@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import kaggle_layout
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from cspine_utils import cli, config, report
+from cspine_utils import audit, cli, config, report
 from cspine_utils.records import shown_path, write_json
 
 
@@ -155,3 +156,57 @@ def test_refresh_checked_outputs_keeps_what_nbval_checks(tmp_path):
     nbformat.write(run, tmp_path / "executed.ipynb")
     with pytest.raises(ValueError, match="cell for cell"):
         report.refresh_checked_outputs(src, tmp_path / "executed.ipynb")
+
+
+def _render_stand_in(nbdir, rep, art, audit_record: dict, class_diff: float):
+    """render_report on stand-in executed notebooks, an audit.json, class_means.json and two figures."""
+    (rep / "executed").mkdir(parents=True)
+    for nb in nbdir.glob("*.ipynb"):
+        (rep / "executed" / nb.name).write_bytes(nb.read_bytes())
+    row = {"model": "vgg16", "weights": "ImageNet", "n": "60", "ROC AUC [95% CI]": "1.000 [1.000, 1.000]"}
+    write_json(art / "metrics" / "combined.json", {"table": [row]})
+    write_json(art / "data" / "audit.json", audit_record)
+    write_json(art / "data" / "class_means.json", {"max_abs_difference": class_diff})
+    for name in ("phantom_montage", "01_class_means"):
+        (rep / "figures").mkdir(exist_ok=True)
+        (rep / "figures" / f"{name}.png").write_bytes(b"\x89PNG stand-in")
+    report.render_report(report_dir=rep, notebooks_dir=nbdir, profile="smoke")
+    return (rep / "README.md").read_text(), json.loads((rep / "run.json").read_text())
+
+
+def test_report_on_kaggle_data_tells_the_truth(mini_course, tmp_path):
+    """Kaggle-layout data whose labels follow the scans: the note, source, captions and the alarm above
+    the metrics table are computed from the audit, with no machine path."""
+    nbdir, rep, _ = mini_course
+    root = kaggle_layout.write_scans(tmp_path / "public set", kaggle_layout.CONFOUNDED)
+    record = audit.audit_dataset(root).to_dict()
+    assert record["labels_confounded_with_patients"] and record["layout"] == "kaggle"
+    record |= {"shortcut_auc": 1.0, "shortcut_alarm": True}  # as the audit of the public set's part recorded
+    markdown, facts = _render_stand_in(nbdir, rep, tmp_path / "artifacts", record, class_diff=0.4)
+    lines = markdown.splitlines()
+    alarm = "**Not evidence of fracture detection: shortcut AUC 1.00, labels confounded with patients** "
+    at = next(i for i, line in enumerate(lines) if line.startswith(alarm))
+    assert lines[at + 2].startswith("| model | weights | n | ROC AUC"), "the alarm stands directly above the table"
+    assert "| vgg16 | ImageNet | 60 | 1.000 [1.000, 1.000] |" in lines[at + 4]
+    assert facts["data_source"] == "…/public set/cervical fracture (kaggle layout)" and not facts["phantom"]
+    assert "> Teaching project, not a medical device. Results are on …/public set/cervical fracture" in markdown
+    assert "synthetic phantom" not in markdown and "figures/phantom_montage.png" not in markdown
+    assert "largest difference 0.40 of the grey range, the classes differ in coarse appearance" in markdown
+    assert (
+        "4 patients" in markdown
+        and "exact duplicates" not in markdown
+        and "- labels confounded with patients: fracture: 27 slices" in markdown
+    )
+    for text in (markdown, (rep / "index.html").read_text(), json.dumps(facts)):
+        assert str(tmp_path) not in text
+
+
+def test_report_on_the_phantom_says_so_and_raises_no_alarm(mini_course, tmp_path):
+    nbdir, rep, _ = mini_course
+    record = {"layout": "synthetic", "root": str(tmp_path / "synth"), "shortcut_auc": 0.55, "shortcut_alarm": False}
+    markdown, facts = _render_stand_in(nbdir, rep, tmp_path / "artifacts", record, class_diff=0.076)
+    assert facts["phantom"] and facts["alarms"] == []
+    assert "Results are on the course's synthetic phantom: they say nothing about real CT." in markdown
+    assert "Not evidence" not in markdown and "figures/phantom_montage.png" in markdown
+    assert "largest difference 0.08 of the grey range, no coarse difference between the classes" in markdown
+    assert facts["data_source"] == "synthetic phantom (default dataset of the smoke profile)"
