@@ -158,6 +158,7 @@ def show_one(page, image_path: str | os.PathLike, gradcam: bool = True) -> dict[
     prob = re.search(r"Fracture probability:\s*([01]\.\d+)", text)
     decision = re.search(r"Decision at threshold ([01]\.\d+):\s*(\w+)", text)
     label = page.locator(".cspine-app select").first.evaluate("s => s.options[s.selectedIndex].text")
+    label = " ".join(label.split())  # the browser shows spaces as no-break spaces
     return {
         "file": name,
         "bundle": label.split(" (")[0],  # the folder name; the label adds "(96 px, cpu profile)"
