@@ -1,7 +1,9 @@
-"""Grad-CAM heatmaps, overlays, and a check of where they point against the true fracture masks.
+"""Grad-CAM heatmaps (and HiResCAM, LayerCAM), overlays, and a check of where they point against the masks.
 
 :func:`gradcam` (Selvaraju et al., 2017) weights the feature maps ``A_k`` of a convolutional layer
-(:func:`gradcam_layer_name`) by the mean gradient of the fracture score: ``heat = ReLU(sum_k w_k A_k)``.
+(:func:`gradcam_layer_name`) by the mean gradient of the fracture score: ``heat = ReLU(sum_k w_k A_k)``;
+``method="hirescam"`` (Draelos and Carin, 2020) and ``"layercam"`` (Jiang et al., 2021) keep the gradient
+per position, which can point at a thin structure inside one coarse cell.
 On the phantom the fracture mask is known (:func:`load_mask_like_input` aligns it with the model
 input), so :func:`pointing_game`, :func:`heat_in_mask` and :func:`localisation_scores` measure whether
 the heatmap points at the fracture, against chance. A plausible-looking heatmap is not evidence.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +32,8 @@ VGG_SKIP_LAYER = "block4_conv3"
 VGG_SKIP_TAP = "block4_gap"
 #: Grad-CAM layers of the course CNN (``cspine_utils.course.build_cnn``), in order of preference.
 CNN_LAYERS: tuple[str, ...] = ("last_conv_relu", "last_conv")
+#: Class-activation methods of :func:`gradcam`.
+CAM_METHODS: tuple[str, ...] = ("gradcam", "hirescam", "layercam")
 
 
 # --- Which layer ---
@@ -162,18 +166,26 @@ def _check_images(images: Any, model: keras.Model) -> np.ndarray:
 
 
 def gradcam(
-    model: keras.Model, images: np.ndarray, layer_name: str | None = None, *, batch_size: int = 32, class_index: int = 0
+    model: keras.Model,
+    images: np.ndarray,
+    layer_name: str | None = None,
+    *,
+    method: str = "gradcam",
+    batch_size: int = 32,
+    class_index: int = 0,
 ) -> np.ndarray:
     """Grad-CAM heatmaps of the fracture score, shape (N, S, S) float32 in [0, 1], one per image.
 
     The score is the pre-sigmoid logit when the model ends with ``Dense(..., activation="sigmoid")``
     (its gradient does not vanish for confident predictions), else the output. With ``A_k`` the feature
     maps of ``layer_name`` (default :func:`gradcam_layer_name`; a layer inside a nested model is reached
-    by running the outer model layer by layer), ``w_k = mean_ij ds/dA_k`` and ``heat = ReLU(sum_k w_k
-    A_k)``, resized bilinearly to the input and divided by its maximum (all zero: no evidence). ``images``
-    are (N, S, S, C) or (S, S, C) in [0, 1], preprocessed for the model; it runs with ``training=False``
-    on the TensorFlow backend (``RuntimeError`` otherwise; ``ValueError`` on a shape or layer that does
-    not fit).
+    by running the outer model layer by layer) and ``g_k = ds/dA_k``, ``method`` (:data:`CAM_METHODS`) gives
+    ``"gradcam"``: ``ReLU(sum_k mean_ij(g_k) A_k)``; ``"hirescam"``: ``ReLU(sum_k g_k * A_k)`` (the same
+    when ``g_k`` is constant over positions); ``"layercam"``: ``ReLU(sum_k ReLU(g_k) * A_k)``. The map is
+    resized bilinearly to the input and divided by its maximum (all zero: no evidence). ``images`` are
+    (N, S, S, C) or (S, S, C) in [0, 1], preprocessed for the model; it runs with ``training=False`` on
+    the TensorFlow backend (``RuntimeError`` otherwise; ``ValueError`` on a shape, layer or method that
+    does not fit).
     """
     import keras  # noqa: PLC0415
 
@@ -185,10 +197,12 @@ def gradcam(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(CAM_METHODS)}")
     x = _check_images(images, model)
     name = layer_name or gradcam_layer_name(model)
     height, width = x.shape[1:3]
-    forward, step = _cam_step(model, name, int(class_index), int(height), int(width))
+    forward, step = _cam_step(model, name, method, int(class_index), int(height), int(width))
     out = []
     for start in range(0, x.shape[0], int(batch_size)):
         xb = tf.convert_to_tensor(x[start : start + int(batch_size)])
@@ -205,12 +219,12 @@ def gradcam(
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cam_step(model: keras.Model, name: str, class_index: int, height: int, width: int):
-    """``(forward, step)``: ``step(x) -> (B, height, width)`` heatmaps, built once per model and layer."""
+def _cam_step(model: keras.Model, name: str, method: str, class_index: int, height: int, width: int):
+    """``(forward, step)``: ``step(x) -> (B, height, width)`` heatmaps, built once per model, layer and method."""
     import tensorflow as tf  # noqa: PLC0415
 
     per_model = _STEPS.setdefault(model, {})
-    key = (name, class_index, height, width)
+    key = (name, method, class_index, height, width)
     if key in per_model:
         return per_model[key]
     forward = _gradcam_forward(model, name, class_index)
@@ -230,14 +244,19 @@ def _cam_step(model: keras.Model, name: str, class_index: int, height: int, widt
             )
         conv = tf.cast(conv, tf.float32)
         grads = tf.cast(grads, tf.float32)
-        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
-        cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1, keepdims=True))  # (B, h, w, 1)
+        if method == "gradcam":
+            grads = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (B, 1, 1, C): one weight per map
+        elif method == "layercam":
+            grads = tf.nn.relu(grads)
+        cam = tf.nn.relu(tf.reduce_sum(grads * conv, axis=-1, keepdims=True))  # (B, h, w, 1)
         cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0]
         peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
         return tf.where(peak > 0, cam / tf.where(peak > 0, peak, 1.0), 0.0)
 
     # the flat path compiles to one graph; the layer-by-layer chain (nested models) stays eager
-    step = cam_of if getattr(forward, "chain_of", None) is not None else tf.function(cam_of, reduce_retracing=True)
+    # (one trace for every batch size: the last, smaller batch would trace again)
+    spec = [tf.TensorSpec((None, height, width, None), tf.float32)]
+    step = cam_of if getattr(forward, "chain_of", None) is not None else tf.function(cam_of, input_signature=spec)
     per_model[key] = (forward, step)
     return per_model[key]
 
@@ -479,3 +498,28 @@ def load_mask_like_input(
     if not out.any() and mask.any():
         out = coverage > 0
     return out
+
+
+def pointing_game_table(hits: Mapping[str, Sequence[bool]], types: Sequence | None = None, alpha: float = 0.05):
+    """Pointing-game hit rate per method, over all images and per fracture type, with exact intervals.
+
+    ``hits`` maps a method name to one hit (bool) per image (:func:`pointing_game`), ``types`` gives each
+    image's fracture type (None: overall only). Returns a DataFrame with columns ``method``,
+    ``fracture_type`` (``"all"`` first), ``hits``, ``n``, ``pointing_game`` and ``ci_low``/``ci_high``,
+    the exact binomial (Clopper-Pearson) ``1 - alpha`` interval (images treated as independent).
+    """
+    import pandas as pd  # noqa: PLC0415
+
+    from . import evaluate  # noqa: PLC0415
+
+    rows = []
+    for method, values in hits.items():
+        h = np.asarray(values, dtype=bool)
+        kinds = np.asarray(["all"] * h.size if types is None else list(types), dtype=object)
+        if kinds.size != h.size or h.size == 0:
+            raise ValueError(f"method {method!r}: {h.size} hits but {kinds.size} fracture types (need >= 1 each)")
+        for kind in ["all", *sorted(set(kinds) - {"all"})]:
+            part = h if kind == "all" else h[kinds == kind]
+            low, high = evaluate.exact_binomial_interval(int(part.sum()), int(part.size), alpha)
+            rows.append((method, kind, int(part.sum()), int(part.size), float(part.mean()), low, high))
+    return pd.DataFrame(rows, columns=["method", "fracture_type", "hits", "n", "pointing_game", "ci_low", "ci_high"])

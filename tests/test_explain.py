@@ -50,6 +50,54 @@ def test_gradcam_of_the_course_vgg_uses_block4_conv3():
     assert explain.gradcam(model, _images(2), layer_name="block5_conv3").shape == (2, SIZE, SIZE)
 
 
+def test_cam_methods_shapes_ranges_and_bad_method():
+    keras.utils.set_random_seed(0)
+    model, _ = course.build_vgg16_classifier(SIZE, weights=None)
+    maps = {m: explain.gradcam(model, _images(3), "block3_conv3", method=m) for m in explain.CAM_METHODS}
+    for heat in maps.values():
+        assert heat.shape == (3, SIZE, SIZE) and heat.dtype == np.float32
+        assert heat.min() >= 0.0 and heat.max() <= 1.0
+    assert not np.allclose(maps["gradcam"], maps["hirescam"])  # block 3's gradient varies over positions
+    with pytest.raises(ValueError, match="unknown method 'gradcam\\+\\+'"):
+        explain.gradcam(model, _images(1), method="gradcam++")
+
+
+def test_hirescam_equals_gradcam_when_the_gradient_is_spatially_constant():
+    """The CNN's last feature maps feed global average pooling and one Dense unit, so ds/dA_k(i, j) =
+    w_k / (h w) at every position: weighting by the gradient's mean or by the gradient is the same."""
+    keras.utils.set_random_seed(1)
+    model = course.build_cnn(SIZE, filters=(4, 8))
+    np.testing.assert_allclose(
+        explain.gradcam(model, _images(3), method="hirescam"), explain.gradcam(model, _images(3)), atol=1e-5
+    )
+
+
+def test_cam_methods_hand_computed():
+    """feature maps A = x * (1, 2) (a 1x1 convolution), score = sum W * A + b (Flatten, Dense): the
+    gradient is W, so each method's map can be written down (4x4 maps, resized to 4x4: unchanged)."""
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((4, 4, 1))
+    features = keras.layers.Conv2D(2, 1, use_bias=False, name="feat")(inputs)
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(features))
+    model = keras.Model(inputs, outputs)
+    w = rng.normal(0.5, 1.0, size=(4, 4, 2)).astype("float32")  # mixed signs, positive on average
+    model.get_layer("feat").set_weights([np.array([[[[1.0, 2.0]]]], np.float32)])
+    model.layers[-1].set_weights([w.reshape(32, 1), np.zeros(1, np.float32)])
+    x = rng.uniform(0.1, 1.0, (1, 4, 4, 1)).astype("float32")
+    a = x[0] * np.array([1.0, 2.0])  # (4, 4, 2)
+    expected = {
+        "gradcam": (a * w.mean(axis=(0, 1))).sum(-1),
+        "hirescam": (a * w).sum(-1),
+        "layercam": (a * np.maximum(w, 0)).sum(-1),
+    }
+    for method, cam in expected.items():
+        cam = np.maximum(cam, 0)
+        assert 0 < cam.max() and cam.min() == 0 or method == "gradcam"  # the ReLU matters
+        got = explain.gradcam(model, x, "feat", method=method)[0]
+        np.testing.assert_allclose(got, cam / cam.max(), atol=1e-5, err_msg=method)
+    assert not np.allclose(expected["gradcam"], expected["hirescam"])
+
+
 def _vgg_like(nested: bool) -> keras.Model:
     layers = [
         keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="block5_conv1"),
@@ -214,6 +262,18 @@ def test_localisation_scores_hand_case():
     assert s["n_no_heat"] == 1 and s["per_image"]["heat_in_mask"][3] is None
     assert s["heat_in_mask"]["value"] == pytest.approx(2 / 3)
     assert s["chance"]["heat_in_mask"] == pytest.approx(0.04)
+
+
+def test_pointing_game_table_hand_case():
+    hits = {"a": [True, True, False, True], "b": [False, False, False, True]}
+    table = explain.pointing_game_table(hits, ["x", "x", "y", "y"]).set_index(["method", "fracture_type"])
+    assert list(table.index) == [("a", "all"), ("a", "x"), ("a", "y"), ("b", "all"), ("b", "x"), ("b", "y")]
+    assert table.loc[("a", "all"), "pointing_game"] == pytest.approx(0.75)
+    assert (table.loc[("a", "x"), "hits"], table.loc[("b", "y"), "n"]) == (2, 2)
+    low, high = table.loc[("b", "x"), ["ci_low", "ci_high"]]
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 2))  # 0 of 2: upper end solves (1-p)^2 = 0.025
+    with pytest.raises(ValueError, match="3 fracture types"):
+        explain.pointing_game_table(hits, ["x", "y", "y"])
 
 
 # --------------------------------------------------------------------------------------------
