@@ -159,6 +159,21 @@ def threshold_metrics(y_true: Iterable, y_prob: Iterable, threshold: float) -> d
     return {**out, **counts, **_metrics_from_counts(**counts)}
 
 
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> dict[str, float]:
+    """PPV and NPV at another prevalence, by Bayes' rule: ``{"ppv": ..., "npv": ...}`` (NaN where undefined).
+
+    ``ppv = se pi / (se pi + (1 - sp)(1 - pi))`` and ``npv = sp (1 - pi) / (sp (1 - pi) + (1 - se) pi)``,
+    with ``se``, ``sp`` and ``pi`` in [0, 1] (or NaN); at the test set's own prevalence they equal the counted ones.
+    """
+    se, sp, pi = (float(v) for v in (sensitivity, specificity, prevalence))
+    if any(v < 0.0 or v > 1.0 for v in (se, sp, pi)):  # NaN (undefined) passes and gives NaN
+        raise ValueError(f"sensitivity, specificity and prevalence must lie in [0, 1], got {se!r}, {sp!r}, {pi!r}")
+    return {
+        "ppv": _ratio(se * pi, se * pi + (1 - sp) * (1 - pi)),
+        "npv": _ratio(sp * (1 - pi), sp * (1 - pi) + (1 - se) * pi),
+    }
+
+
 # --- Threshold-free metrics ---
 def roc_auc(y_true: Iterable, y_prob: Iterable) -> float:
     """ROC AUC (0.5 is chance; NaN with one class): P(random fracture scores above random normal),

@@ -512,3 +512,19 @@ def test_confusion_heatmap_shows_the_counts():
     assert "sensitivity 0.67, specificity 0.50" in axes[1].get_title()
     assert not axes[0].texts
     plt.close(fig)
+
+
+def test_predictive_values_by_bayes_hand_case():
+    # 1,000 patients, prevalence 0.1: 100 fractured, se 0.9 -> TP 90, FN 10; sp 0.8 -> TN 720, FP 180
+    got = evaluate.predictive_values(0.9, 0.8, 0.1)
+    assert got["ppv"] == pytest.approx(90 / 270) and got["npv"] == pytest.approx(720 / 730)
+    # at the sample's own prevalence Bayes reproduces the counted PPV and NPV
+    m = evaluate.threshold_metrics(
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], [0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.2, 0.1, 0.05], 0.5
+    )
+    bayes = evaluate.predictive_values(m["sensitivity"], m["specificity"], 0.4)
+    assert bayes["ppv"] == pytest.approx(m["ppv"]) and bayes["npv"] == pytest.approx(m["npv"])
+    assert math.isnan(evaluate.predictive_values(0.0, 1.0, 0.5)["ppv"])  # nothing flagged: PPV undefined
+    assert math.isnan(evaluate.predictive_values(math.nan, 0.8, 0.1)["npv"])  # undefined stays undefined
+    with pytest.raises(ValueError, match="prevalence"):
+        evaluate.predictive_values(0.9, 0.8, 24)  # a percentage, not a proportion
