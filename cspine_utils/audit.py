@@ -90,7 +90,7 @@ class AuditReport:
     warnings: list[str]
     n_patients: int = 0  # distinct patients (scans); 0 when nothing names one
     leaking_patients: list[str] = field(default_factory=list)
-    labels_confounded_with_patients: bool = False  # the rule of _patient_warnings holds
+    labels_confounded_with_patients: bool = False  # the rule of patient_warnings holds
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
@@ -208,7 +208,7 @@ def audit_dataset(
     group_table, leak_table, cpg, group_warnings = _group_summary(manifest, near_table, leaking)
     patients = patient_table(manifest)
     leaking_patients = sorted(data.cross_split_leakage(manifest.assign(group=manifest["patient"]).query("group != ''")))
-    warnings += group_warnings + _patient_warnings(patients, leaking_patients)
+    warnings += group_warnings + patient_warnings(patients, leaking_patients)
     auc, method, feat_table = _shortcut_check(data, manifest, labels, features, read_ok, seed)
     warnings += _alarm_warnings(auc, threshold, feat_table)
     tables = {"counts": counts, "sizes": sizes, "duplicates": duplicates, "near_duplicates": near_table}
@@ -353,7 +353,7 @@ def patient_table(manifest: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _patient_warnings(table: pd.DataFrame, leaking_patients: list[str]) -> list[str]:
+def patient_warnings(table: pd.DataFrame, leaking_patients: list[str] = ()) -> list[str]:
     """ "labels confounded with patients" when a class comes from <= FEW_PATIENTS patients or
     >= TOP_TWO_SHARE of it from its two largest; patients with slices in more than one split."""
     out = []
