@@ -1,5 +1,6 @@
 # Cervical-spine CT fracture course: one-command set-up, run and test.
-#   make run    generate the default synthetic dataset, execute notebooks 01-06, render report/
+#   make run    generate the default synthetic dataset, execute notebooks 01-06 (a real-browser
+#               screenshot of the app before 06), render report/
 #   make test   run every test, then nbval on the notebooks (creates .venv and installs everything on first use)
 # Variables: PROFILE=smoke|cpu|gpu  DATA_DIR=path  PYTHON=python3  RUN_ARGS="--from 04"
 
@@ -36,8 +37,12 @@ data: $(STAMP)
 	$(VENV)/bin/cspine data default
 	$(VENV)/bin/cspine data montage --out report/figures/phantom_montage.png
 
+# Chromium (make browser) lets the run screenshot the real app before notebook 06 into the report's
+# figures/gui.png; if it cannot be installed, the run warns once and goes on without the screenshot.
 run: data
-	$(VENV)/bin/cspine run --profile $(PROFILE) $(if $(strip $(DATA_DIR)),--data-dir "$(DATA_DIR)") $(RUN_ARGS)
+	@$(MAKE) --no-print-directory browser || true
+	$(VENV)/bin/cspine run --profile $(PROFILE) $(if $(strip $(DATA_DIR)),--data-dir "$(DATA_DIR)") \
+	  --app-screenshot "$${CSPINE_REPORT_DIR:-report}/figures/gui.png" $(RUN_ARGS)
 
 test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -225,8 +225,8 @@ def choose_fracture_slice(bundle_dir: str | os.PathLike, manifest=None, max_cand
     bundle = modelbundle.load_bundle(bundle_dir)
     hits = [i for i, p in enumerate(bundle.predict_files(list(test["path"]))) if p >= bundle.threshold]
     row = test.iloc[hits[0] if hits else 0]
-    rule = "the first" + (" that the model calls fracture" if hits else " (the model calls none of them fracture)")
-    about = {"split": "test", "label": "fracture", "chosen": f"{rule} of the test split's fracture slices by name"}
+    rule = "that the model calls fracture" if hits else f"(the model calls none of the first {len(test)} fracture)"
+    about = {"split": "test", "label": "fracture", "chosen": f"the first test-split fracture slice by name {rule}"}
     about.update({k: str(row[k]) for k in ("level", "fracture_type") if k in row.index and str(row[k])})
     return Path(row["path"]), about
 

@@ -138,3 +138,22 @@ def test_notebook_shows_the_screenshot_or_how_to_make_one(tmp_path, monkeypatch,
     monkeypatch.setenv(appshot.ENV_FLAG, "1")  # the notebook served for the screenshot shows no older one
     appshot.show_screenshot(png)
     assert shown == [] and capsys.readouterr().out == ""
+
+
+@pytest.mark.slow
+def test_the_screenshot_shows_a_test_fracture_the_model_gets_right_when_there_is_one(tmp_path):
+    import pandas as pd
+
+    rows = [("b_test.png", "test", "fracture"), ("a_train.png", "train", "fracture"), ("c_test.png", "test", "normal")]
+    rows += [("d_test.png", "test", "fracture")]
+    manifest = pd.DataFrame(
+        [{"path": str(phantom_png(tmp_path / n, i)), "split": s, "label": lab} for i, (n, s, lab) in enumerate(rows)]
+    )
+    always = make_tiny_bundle(tmp_path / "models", "always", threshold=0.0)
+    path, about = appshot.choose_fracture_slice(always, manifest)
+    assert path.name == "b_test.png" and about["chosen"].endswith("that the model calls fracture")
+    never = make_tiny_bundle(tmp_path / "models", "never", threshold=1.0)
+    path, about = appshot.choose_fracture_slice(never, manifest)
+    assert path.name == "b_test.png" and "the model calls none of the first 2 fracture" in about["chosen"]
+    with pytest.raises(ValueError, match="no fracture slice in its test split"):
+        appshot.choose_fracture_slice(never, manifest[manifest["split"] == "train"])
