@@ -254,9 +254,11 @@ def _cam_step(model: keras.Model, name: str, method: str, class_index: int, heig
         return tf.where(peak > 0, cam / tf.where(peak > 0, peak, 1.0), 0.0)
 
     # the flat path compiles to one graph; the layer-by-layer chain (nested models) stays eager
-    # (one trace for every batch size: the last, smaller batch would trace again)
-    spec = [tf.TensorSpec((None, height, width, None), tf.float32)]
-    step = cam_of if getattr(forward, "chain_of", None) is not None else tf.function(cam_of, input_signature=spec)
+    # traced once here for every batch size (no retracing for the last, smaller batch, and no retracing
+    # warning when several layers or methods are compared)
+    spec = tf.TensorSpec((None, height, width, None), tf.float32)
+    nested = getattr(forward, "chain_of", None) is not None
+    step = cam_of if nested else tf.function(cam_of).get_concrete_function(spec)
     per_model[key] = (forward, step)
     return per_model[key]
 
