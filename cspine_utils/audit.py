@@ -207,13 +207,12 @@ def audit_dataset(
     leaking = sorted(str(g) for g in data.cross_split_leakage(manifest))
     group_table, leak_table, cpg, group_warnings = _group_summary(manifest, near_table, leaking)
     patients = patient_table(manifest)
-    leaking_patients = sorted(data.cross_split_leakage(manifest.assign(group=manifest["patient"]).query("group != ''")))
+    leaking_patients = data.cross_split_leakage(manifest.assign(group=manifest["patient"]).query("group != ''"))
     warnings += group_warnings + patient_warnings(patients, leaking_patients)
     auc, method, feat_table = _shortcut_check(data, manifest, labels, features, read_ok, seed)
     warnings += _alarm_warnings(auc, threshold, feat_table)
     tables = {"counts": counts, "sizes": sizes, "duplicates": duplicates, "near_duplicates": near_table}
     tables |= {"groups": group_table, "leakage": leak_table, "rejected": rejected, "shortcut_features": feat_table}
-    tables["patients"] = patients
     return AuditReport(
         root=root,
         layout=layout,
@@ -234,7 +233,7 @@ def audit_dataset(
         n_patients=int(manifest.loc[manifest["patient"] != "", "patient"].nunique()),
         leaking_patients=leaking_patients,
         labels_confounded_with_patients=any(w.startswith("labels confounded") for w in warnings),
-        tables=tables,
+        tables=tables | {"patients": patients},
     )
 
 
