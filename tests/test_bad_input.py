@@ -216,8 +216,8 @@ def test_path_with_spaces_and_parentheses(tmp_path):
     assert img.shape == (64, 64)
     disc = data.discover(tmp_path / "my data (copy)")
     assert disc.layout == "kaggle"
-    groups = set(disc.manifest["group"])
-    assert {"CSFDV1B10 (18)", "CSFDV1B10 (19)"} <= groups
+    assert {"CSFDV1B10 (18)", "CSFDV1B10 (19)"} <= set(disc.manifest["source"])
+    assert "CSFDV1B10" in set(disc.manifest["group"])  # two slices of one scan: one patient, one group
     assert any("my data (copy)/cervical fracture/train/fracture/CSFDV1B10 (18)" in p for p in disc.manifest["path"])
 
 
