@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     load_med, _ = timed(lambda: modelbundle.load_bundle(bundle_dir), args.load_runs)
     bundle = modelbundle.load_bundle(bundle_dir)
     t0 = time.perf_counter()
-    predict.probabilities(bundle, np.zeros((1, bundle.image_size, bundle.image_size, 1), np.float32), 1)
+    bundle.assess(np.zeros((1, bundle.image_size, bundle.image_size, 1), np.float32), 1)
     first_predict = time.perf_counter() - t0
 
     from cspine_utils import pipeline  # noqa: PLC0415
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows.append(
         (
-            "model only: predict.probabilities (predict_on_batch), 1 image",
-            timed(lambda: predict.probabilities(bundle, x, 1), args.runs)[0],
+            "model only: Bundle.assess (predict_on_batch), 1 image",
+            timed(lambda: bundle.assess(x, 1), args.runs)[0],
         )
     )
     rows.append(

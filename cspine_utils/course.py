@@ -4,6 +4,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from scipy.optimize import minimize
 
 from cspine_utils import modelbundle, pretrained
 
@@ -85,6 +86,26 @@ def balanced_class_weights(labels):
     if counts.min() == 0:
         raise ValueError(f"both classes are needed for class weights; counts (normal, fracture) = {counts.tolist()}")
     return {c: float(labels.size / (2 * counts[c])) for c in (0, 1)}
+
+
+# notebooks/03_cnn_training.ipynb, cell 28
+def fit_calibration(logits, labels, bias=True):
+    """(T, b) minimising the log loss of p = sigmoid(logit / T + b) on validation logits (N,) and 0/1 labels (N,).
+
+    bias=False is temperature scaling (b = 0; Guo et al. 2017); with the bias it is Platt scaling.
+    T is searched in [0.05, 20] and b in [-10, 10] (SciPy's L-BFGS-B); neither changes the ranking.
+    """
+    z, y = np.asarray(logits, dtype=float).ravel(), np.asarray(labels, dtype=float).ravel()
+    if z.shape != y.shape or z.size < 2 or not np.isin(y, (0, 1)).all() or len(np.unique(y)) < 2:
+        raise ValueError("need N >= 2 finite logits and 0/1 labels of both classes, of the same length")
+
+    def log_loss(params):
+        q = z * np.exp(-params[0]) + (params[1] if bias else 0.0)
+        return float(np.mean(np.logaddexp(0.0, q) - y * q))
+
+    bounds = [(np.log(0.05), np.log(20.0)), (-10.0, 10.0) if bias else (0.0, 0.0)]
+    fit = minimize(log_loss, x0=[0.0, 0.0], method="L-BFGS-B", bounds=bounds)
+    return float(np.exp(fit.x[0])), float(fit.x[1])
 
 
 # notebooks/04_vgg_finetuning_tuner.ipynb, cell 9

@@ -80,7 +80,7 @@ def _load_warm(folder: Path) -> Bundle:
     """Load a bundle and predict one blank image (the first call traces the model)."""
     bundle = modelbundle.load_bundle(folder)
     blank = np.zeros((1, bundle.image_size, bundle.image_size, bundle.channels), np.float32)
-    predict.probabilities(bundle, blank, 1)
+    bundle.assess(blank, 1)
     return bundle
 
 
@@ -88,10 +88,13 @@ def _model_info_html(bundle: Bundle, name: str) -> str:
     auc = (bundle.config.get("val_metrics") or {}).get("auc")
     auc_text = f", validation AUC {auc:.3f}" if isinstance(auc, (int, float)) and np.isfinite(auc) else ""
     crop = "yes" if bundle.preprocessing.get("crop_roi") else "no"
+    ref = bundle.reference
+    unlike = f"; flags images beyond distance {ref.cutoff:.1f} as unlike its training data" if ref else ""
     return (
         f"Model <b>{_e(bundle.config.get('name', name))}</b> from {_e(records.shown_path(bundle.path))}: input "
-        f"{bundle.image_size}&times;{bundle.image_size} px, crop to spine: {crop}, threshold "
-        f"{bundle.threshold:.3f} (chosen on validation data{auc_text})."
+        f"{bundle.image_size}&times;{bundle.image_size} px, crop to spine: {crop}, probabilities calibrated "
+        f"(temperature {bundle.calibration[0]:.2f}, bias {bundle.calibration[1]:+.2f}), threshold {bundle.threshold:.3f} (chosen on validation "
+        f"data{auc_text}){unlike}."
     )
 
 
@@ -116,6 +119,7 @@ def _card(r: predict.PredictionResult, positive: bool, show_gradcam: bool) -> ip
         f"<b>{_e(r.file)}</b>",
         f"Fracture probability: <b>{r.probability:.3f}</b>",
         f'Decision at threshold {r.threshold:.3f}: <b style="color:{colour}">{_e(r.label)}</b>',
+        *(f'<span class="cspine-flag" style="{_ERROR_STYLE}">&#9888; {_e(flag)}</span>' for flag in r.flags),
     ]
     images = [] if r.image is None else [_captioned("as the model sees it", r.image)]
     if show_gradcam and r.heatmap is not None and r.image is not None:
@@ -165,14 +169,15 @@ def _controls(models_dir: Path, note_html: str) -> dict[str, Any]:
 
 def _table_html(results: list[predict.PredictionResult]) -> str:
     rows = [
-        f"<tr><td>{_e(r.file)}</td><td>{r.probability:.3f}</td><td>{_e(r.label)}</td></tr>"
+        f"<tr><td>{_e(r.file)}</td><td>{r.probability:.3f}</td><td>{_e(r.label)}</td>"
+        f"<td>{_e('; '.join(r.flags))}</td></tr>"
         if r.ok
-        else f'<tr><td>{_e(r.file)}</td><td>&ndash;</td><td style="{_ERROR_STYLE}">error: {_e(r.error)}</td></tr>'
+        else f'<tr><td>{_e(r.file)}</td><td>&ndash;</td><td style="{_ERROR_STYLE}" colspan="2">error: {_e(r.error)}</td></tr>'
         for r in results
     ]
     return (
         '<table style="border-collapse:collapse" border="1" cellpadding="4">'
-        "<tr><th>file</th><th>probability</th><th>decision</th></tr>" + "".join(rows) + "</table>"
+        "<tr><th>file</th><th>probability</th><th>decision</th><th>warnings</th></tr>" + "".join(rows) + "</table>"
     )
 
 

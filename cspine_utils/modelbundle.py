@@ -1,5 +1,6 @@
 """The model bundle: ``model.keras`` plus ``bundle.json`` (image size, preprocessing, threshold,
-validation metrics, weights provenance, data fingerprint, versions, sha256 of the model)."""
+calibration temperature, validation metrics, weights provenance, data fingerprint, versions, sha256 of
+the model) and, when given, ``reference.npz`` (what the training data looked like: ``trust.FeatureReference``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from . import config, records
 from .hardware import as_float32, compute_dtypes
 from .pretrained import WeightsInfo
+from .trust import FeatureReference, sigmoid, split_output
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
@@ -24,6 +26,7 @@ __all__ = ["Bundle", "load_bundle", "manifest_fingerprint", "save_bundle", "MODE
 
 MODEL_FILE = "model.keras"
 BUNDLE_FILE = "bundle.json"
+REFERENCE_FILE = "reference.npz"
 BUNDLE_FORMAT_VERSION = 1
 #: Name of the sigmoid output layer of every course model (float32 also under mixed precision).
 OUTPUT_LAYER = "fracture_probability"
@@ -78,6 +81,8 @@ class Bundle:
     model: keras.Model
     config: dict = field(repr=False)
     path: Path
+    reference: FeatureReference | None = field(default=None, repr=False)
+    _split: tuple | None = field(default=None, init=False, repr=False)
 
     @property
     def image_size(self) -> int:
@@ -99,12 +104,46 @@ class Bundle:
     def preprocessing(self) -> dict:
         return dict(self.config.get("preprocessing") or {})
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    @property
+    def calibration(self) -> tuple[float, float]:
+        """``(temperature T, bias b)`` fitted on validation: ``p = sigmoid(logit / T + b)``; (1, 0) = none."""
+        cal = self.config.get("calibration") or {}
+        return float(cal.get("temperature", 1.0)), float(cal.get("bias", 0.0))
+
+    def assess(self, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+        """Everything the course says about preprocessed images ``(N, S, S, C)`` in [0, 1], arrays of shape (N,).
+
+        ``probability`` (calibrated: ``sigmoid(logit / T + b)``, :attr:`calibration`), ``uncalibrated`` (the model's
+        own sigmoid), ``distance`` (to the training data, NaN without a reference) and ``unlike`` (True
+        when beyond the reference's cut-off). Checks the input as :meth:`predict_proba` says.
+        """
+        x = self._checked(images)
+        if self._split is None:
+            self._split = split_output(self.model)
+        features_model, w, b = self._split
+        step = max(1, int(batch_size))
+        parts = [np.asarray(features_model.predict_on_batch(x[i : i + step])) for i in range(0, len(x), step)]
+        features = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, w.size))
+        logits = features @ w + b
+        distance = self.reference.distance(features) if self.reference is not None else np.full(len(x), np.nan)
+        temperature, bias = self.calibration
+        return {
+            "probability": sigmoid(logits / temperature + bias).astype(np.float32),
+            "uncalibrated": sigmoid(logits).astype(np.float32),
+            "distance": distance,
+            "unlike": distance > (self.reference.cutoff if self.reference is not None else np.inf),
+        }
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 32, calibrated: bool = True) -> np.ndarray:
         """Fracture probabilities, shape (N,) float32, of preprocessed images (N, S, S, C) or (S, S, C) in [0, 1].
 
+        Calibrated with the bundle's :attr:`calibration` unless ``calibrated=False`` (the model's own output).
         Raises ``ValueError`` if the shape does not match the bundle, or values lie outside [0, 1]
         (e.g. 0-255 grey levels or Hounsfield units: preprocess with ``pipeline.load_and_preprocess``).
         """
+        return self.assess(images, batch_size)["probability" if calibrated else "uncalibrated"]
+
+    def _checked(self, images: np.ndarray) -> np.ndarray:
         x = np.asarray(images, dtype=np.float32)
         expected = (self.image_size, self.image_size, self.channels)
         if x.shape == expected:
@@ -113,29 +152,35 @@ class Bundle:
             raise ValueError(
                 f"images must have shape (N, {', '.join(map(str, expected))}) for this bundle, got {x.shape}"
             )
-        if x.shape[0] == 0:
-            return np.zeros((0,), dtype=np.float32)
-        lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
-        if not np.isfinite(x).all() or lo < -1e-3 or hi > 1.0 + 1e-3:
+        if x.size and (not np.isfinite(x).all() or x.min() < -1e-3 or x.max() > 1.0 + 1e-3):
+            lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
             raise ValueError(
                 f"images must be in [0, 1] (the bone window), got values from {lo:g} to {hi:g}; "
                 "preprocess with pipeline.load_and_preprocess"
             )
-        out = self.model.predict(x, batch_size=batch_size, verbose=0)
-        return np.asarray(out, dtype=np.float32).reshape(-1)
+        return x
 
     def predict_files(self, paths: Sequence[str | os.PathLike], batch_size: int = 32) -> np.ndarray:
-        """Fracture probabilities, shape (N,) float32, of image files preprocessed as at training time
-        (``pipeline.load_and_preprocess`` with the bundle's ``image_size`` and ``preprocessing["crop_roi"]``)."""
-        from . import pipeline  # noqa: PLC0415 - lazy
+        """Calibrated fracture probabilities, shape (N,) float32, of image files, through the one prediction
+        path of the app and the CLI (``predict.predict_paths``: input guard, preprocessing as in training).
+
+        Raises ``ValueError`` naming every file that was refused and why; prints the flags of the others
+        (e.g. "unlike the slices the model learned from") as warnings.
+        """
+        import warnings  # noqa: PLC0415
+
+        from . import predict  # noqa: PLC0415 - lazy
 
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        crop = bool(self.preprocessing.get("crop_roi", False))
-        images = [pipeline.load_and_preprocess(p, self.image_size, crop_roi=crop) for p in paths]
-        if not images:
-            return np.zeros((0,), dtype=np.float32)
-        return self.predict_proba(np.stack(images), batch_size=batch_size)
+        results = predict.predict_paths(paths, self, batch_size=batch_size)
+        refused = [f"{r.file}: {r.error}" for r in results if not r.ok]
+        if refused:
+            raise ValueError(f"{len(refused)} of {len(results)} file(s) not predicted: " + "; ".join(refused))
+        for r in results:
+            for flag in r.flags:
+                warnings.warn(f"{r.file}: {flag}", UserWarning, stacklevel=2)
+        return np.array([r.probability for r in results], dtype=np.float32)
 
     def classify(self, probabilities: Iterable[float]) -> list[str]:
         """Class names for probabilities: ``class_names[1]`` where ``p >= threshold``."""
@@ -206,6 +251,8 @@ def save_bundle(
     seed: int | None = None,
     profile: str | config.Profile | None = None,
     name: str | None = None,
+    calibration: tuple[float, float] = (1.0, 0.0),
+    reference: FeatureReference | None = None,
 ) -> Path:
     """Save a trained model as a bundle folder (created; returned): ``model.keras`` + ``bundle.json``.
 
@@ -216,16 +263,24 @@ def save_bundle(
     ``threshold`` (probability in [0, 1]), ``val_metrics``, ``weights`` (a :class:`WeightsInfo`
     or null), ``data_fingerprint`` (:func:`manifest_fingerprint`), ``seed``, ``profile`` (checked by
     ``config.get_profile``), ``versions``, ``compute_dtype`` ("float32": a model trained under a
-    mixed policy is saved through ``hardware.as_float32``) and ``trained_compute_dtypes``. Both files
-    are written to temporary names and renamed, so a bundle is never half-written.
+    mixed policy is saved through ``hardware.as_float32``), ``trained_compute_dtypes``, ``calibration``
+    (``(temperature T > 0, bias b)`` fitted on validation, ``p = sigmoid(logit / T + b)``; (1, 0) = none;
+    ``threshold`` is on that calibrated scale) and ``unlike_training`` (``reference.describe()`` and the sha256 of ``reference.npz``, or null).
+    Files are written to temporary names and renamed, so a bundle is never half-written.
 
     Raises ``ValueError`` naming a value that is invalid or does not match the model.
     """
     checked = _checked_arguments(model, class_names, image_size, channels, threshold, seed, weights_info)
     names, size, channels, threshold = checked
     prof = profile if isinstance(profile, config.Profile) else config.get_profile(profile)
+    temperature, bias = (float(v) for v in calibration)
+    if not (np.isfinite(temperature) and temperature > 0 and np.isfinite(bias)):
+        raise ValueError(f"calibration must be (temperature > 0, finite bias), got {calibration!r}")
+    if reference is not None and not isinstance(reference, FeatureReference):
+        raise ValueError(f"reference must be a trust.FeatureReference or None, got {type(reference).__name__}")
     folder = Path(bundle_dir)
     model_path, trained_dtypes = _save_model_float32(model, folder)
+    unlike = _save_reference(reference, folder)
     record = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "name": str(name or model.name),
@@ -245,10 +300,40 @@ def save_bundle(
         "profile": prof.name,
         "compute_dtype": "float32",
         "trained_compute_dtypes": trained_dtypes,
+        "calibration": {
+            "method": "temperature scaling"
+            + (" with a bias (Platt scaling)" if bias else "")
+            + ", fitted on validation",
+            "temperature": temperature,
+            "bias": bias,
+        },
+        "unlike_training": unlike,
         "versions": _versions(),
     }
     records.write_json(folder / BUNDLE_FILE, record)
     return folder
+
+
+def _save_reference(reference: FeatureReference | None, folder: Path) -> dict | None:
+    """Write ``reference.npz`` (through a temporary name); its facts and sha256 for ``bundle.json``."""
+    target = folder / REFERENCE_FILE
+    if reference is None:
+        target.unlink(missing_ok=True)
+        return None
+    tmp = folder / f".{REFERENCE_FILE}.tmp.npz"
+    reference.save(tmp)
+    os.replace(tmp, target)
+    return {**reference.describe(), "file": REFERENCE_FILE, "sha256": records.sha256_file(target)}
+
+
+def _load_reference(record: dict, folder: Path) -> FeatureReference | None:
+    unlike = record.get("unlike_training")
+    if not unlike:
+        return None
+    path = folder / str(unlike.get("file", REFERENCE_FILE))
+    if not path.is_file() or records.sha256_file(path) != unlike.get("sha256"):
+        raise ValueError(f"{path.name} in {folder} is missing or does not match {BUNDLE_FILE}: save the bundle again")
+    return FeatureReference.load(path)
 
 
 def _read_record(folder: Path) -> dict:
@@ -288,5 +373,6 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
             f"{BUNDLE_FILE}: it was changed or replaced after the bundle was saved; "
             "save the bundle again"
         )
+    reference = _load_reference(record, folder)
     model = keras.saving.load_model(str(model_path), safe_mode=True)
-    return Bundle(model=model, config=record, path=folder)
+    return Bundle(model=model, config=record, path=folder, reference=reference)

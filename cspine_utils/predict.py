@@ -1,11 +1,14 @@
 """Fracture probabilities for image files with a saved model bundle: one path for CLI, GUI and notebooks.
 
-    paths (files, folders, globs) -> :func:`expand_paths` -> for each file
-    ``pipeline.load_and_preprocess`` (the bundle's ``image_size`` and ``crop_roi``, as in training)
-    -> the bundle's model -> :class:`PredictionResult` (file, probability, label, error)
+    paths (files, folders, globs) -> :func:`expand_paths` -> for each file ``guard.check_input``
+    (refuse what is not a CT slice) -> ``pipeline.load_and_preprocess`` (the bundle's ``image_size``
+    and ``crop_roi``, as in training) -> ``Bundle.assess`` (calibrated probability, distance to the
+    training data) -> :class:`PredictionResult` (file, probability, label, flags, error)
 
 A file that cannot be used (unsupported type, empty or corrupt, DICOM without pixels, over the pixel
-limit) gets a plain-words ``error``; the other files are still predicted. Uploaded bytes (the GUI) go
+limit, not a CT slice: MR, too small, wrong shape, colour) gets a plain-words ``error``; the other files
+are still predicted. ``flags`` say in words when a probability should not be believed (not a
+bone-window slice; unlike the slices the model learned from). Uploaded bytes (the GUI) go
 through :func:`predict_bytes` via a temporary file deleted straight afterwards.
 
 >>> bundle = modelbundle.load_bundle(default_bundle_dir())         # doctest: +SKIP
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import config
+from .trust import UNLIKE_TRAINING
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .modelbundle import Bundle
@@ -60,7 +64,7 @@ class PredictionResult:
     """The outcome for one file; ``probability`` and ``label`` are None when ``error`` says why it failed."""
 
     file: str  # as given (or found in a folder / by a glob); for an upload, its name
-    probability: float | None = None  # fracture probability in [0, 1]
+    probability: float | None = None  # calibrated fracture probability in [0, 1]
     label: str | None = None  # "fracture" if probability >= threshold else "normal"
     error: str | None = None  # why the file could not be used, in plain words
     threshold: float | None = None  # the threshold the label was decided at
@@ -69,6 +73,9 @@ class PredictionResult:
     heatmap: np.ndarray | None = field(default=None, repr=False)
     gradcam_file: str | None = None  # where the Grad-CAM overlay PNG was written
     gradcam_error: str | None = None  # why Grad-CAM could not be computed
+    flags: list[str] = field(default_factory=list)  # warnings to show beside the probability
+    distance: float | None = None  # distance to the training data (trust.FeatureReference)
+    unlike_training: bool | None = None  # True: beyond the bundle's cut-off (None: the bundle has no reference)
 
     @property
     def ok(self) -> bool:
@@ -76,8 +83,10 @@ class PredictionResult:
         return self.error is None
 
     def to_dict(self) -> dict:
-        """``{"file", "probability", "label", "error"}`` (+ ``"gradcam"`` when one was written)."""
+        """``{"file", "probability", "label", "error", "flags", "unlike_training_data", "distance"}``
+        (+ ``"gradcam"`` when one was written)."""
         out = {"file": self.file, "probability": self.probability, "label": self.label, "error": self.error}
+        out.update(flags=list(self.flags), unlike_training_data=self.unlike_training, distance=self.distance)
         if self.gradcam_file is not None:
             out["gradcam"] = self.gradcam_file
         return out
@@ -229,23 +238,6 @@ def _unsupported(path: str) -> str | None:
     return f"unsupported file type (no extension): use {SUPPORTED_TYPES_TEXT}"
 
 
-def probabilities(bundle: Bundle, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Fracture probabilities ``(N,)`` of model inputs ``(N, S, S, 1)``.
-
-    The numbers of :meth:`Bundle.predict_proba`, but through ``model.predict_on_batch``:
-    ``model.predict`` builds a data pipeline per call (~140 ms on 2 CPU cores, most of the GUI's
-    budget for one image).
-    """
-    if images.shape[1:] != (bundle.image_size, bundle.image_size, bundle.channels):
-        return bundle.predict_proba(images, batch_size=batch_size)  # its error names the shape
-    step = max(1, int(batch_size))
-    out = [
-        np.asarray(bundle.model.predict_on_batch(images[i : i + step]), dtype=np.float32).reshape(-1)
-        for i in range(0, images.shape[0], step)
-    ]
-    return np.concatenate(out)
-
-
 def gradcam_heatmaps(bundle: Bundle, images: np.ndarray) -> np.ndarray:
     """Grad-CAM heat maps ``(N, S, S)`` in [0, 1] of model inputs ``(N, S, S, 1)`` (``explain.gradcam``)."""
     from . import explain  # noqa: PLC0415
@@ -276,7 +268,10 @@ def _unique_png(out_dir: Path, stem: str, used: set[str]) -> Path:
 
 def _read_inputs(entries, bundle: Bundle, max_pixels: int, results: list[PredictionResult]) -> list[np.ndarray]:
     """Preprocess every usable entry ``(shown, path, error)``; set ``error`` on the others."""
-    from . import pipeline  # noqa: PLC0415
+    from . import (
+        guard,  # noqa: PLC0415
+        pipeline,  # noqa: PLC0415
+    )
 
     crop = bool(bundle.preprocessing.get("crop_roi", False))
     images = []
@@ -285,9 +280,12 @@ def _read_inputs(entries, bundle: Bundle, max_pixels: int, results: list[Predict
             error = _unsupported(path)
         if error is None and path is not None:
             try:
-                images.append(
-                    pipeline.load_and_preprocess(path, bundle.image_size, crop_roi=crop, max_pixels=max_pixels)
-                )
+                check = guard.check_input(path, max_pixels)
+                error, result.flags = check.refusal, list(check.flags)
+                if error is None:
+                    images.append(
+                        pipeline.load_and_preprocess(path, bundle.image_size, crop_roi=crop, max_pixels=max_pixels)
+                    )
             except Exception as exc:  # noqa: BLE001 - every failure becomes a plain message
                 error = explain_error(exc, path, max_pixels)
         result.error = error
@@ -326,9 +324,14 @@ def _predict_entries(
     if not good:
         return results
     batch = np.stack(images)
-    for r, p in zip(good, probabilities(bundle, batch, batch_size)):
+    scores = bundle.assess(batch, batch_size)
+    for r, p, d, unlike in zip(good, scores["probability"], scores["distance"], scores["unlike"]):
         r.probability = float(p)
         r.label = bundle.class_names[1] if r.probability >= thr else bundle.class_names[0]
+        if bundle.reference is not None:
+            r.distance, r.unlike_training = float(d), bool(unlike)
+            if unlike:
+                r.flags.append(f"{UNLIKE_TRAINING} (distance {d:.1f}, cut-off {bundle.reference.cutoff:.1f})")
     want_cam = gradcam or gradcam_dir is not None
     if want_cam:
         _add_gradcam(good, bundle, batch, Path(gradcam_dir) if gradcam_dir is not None else None)
@@ -413,8 +416,11 @@ def predict_bytes(
 
 
 def results_to_frame(results: Sequence[PredictionResult]):
-    """A ``pandas.DataFrame`` with columns file, probability, label, threshold, error."""
+    """A ``pandas.DataFrame`` with columns file, probability, label, threshold, error, warnings, distance."""
     import pandas as pd  # noqa: PLC0415
 
     columns = ["file", "probability", "label", "threshold", "error"]
-    return pd.DataFrame([{c: getattr(r, c) for c in columns} for r in results], columns=columns)
+    rows = [
+        {**{c: getattr(r, c) for c in columns}, "warnings": "; ".join(r.flags), "distance": r.distance} for r in results
+    ]
+    return pd.DataFrame(rows, columns=[*columns, "warnings", "distance"])

@@ -102,11 +102,11 @@ def test_bundle_round_trip_and_fields(tmp_path, small_cnn):
     with pytest.raises(ValueError, match=r"shape \(N, 32, 32, 1\)"):
         bundle.predict_proba(np.zeros((1, 64, 64, 1), np.float32))
 
-    # files go through pipeline.load_and_preprocess with the bundle's settings
+    # files go through pipeline.load_and_preprocess with the bundle's settings (64 px: the input guard's minimum)
     paths = []
     for i in range(2):
         p = tmp_path / f"slice{i}.png"
-        Image.fromarray((x[i, ..., 0] * 255).astype(np.uint8), mode="L").save(p)
+        Image.fromarray((np.kron(x[i, ..., 0], np.ones((2, 2))) * 255).astype(np.uint8), mode="L").save(p)
         paths.append(p)
     pre = np.stack([pipeline.load_and_preprocess(p, 32) for p in paths])
     np.testing.assert_allclose(bundle.predict_files(paths), bundle.predict_proba(pre), atol=1e-6)

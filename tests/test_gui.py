@@ -193,7 +193,16 @@ def test_table_for_several_files_saved_as_csv(app, pngs, tmp_path):
     saved = sorted((tmp_path / "predictions").glob("predictions_*.csv"))
     assert len(saved) == 1 and str(saved[0]) in app.save_status.value
     table = pd.read_csv(saved[0])
-    assert list(table.columns) == ["file", "probability", "decision", "threshold", "model", "error"]
+    assert list(table.columns) == [
+        "file",
+        "probability",
+        "decision",
+        "threshold",
+        "model",
+        "error",
+        "warnings",
+        "distance",
+    ]
     assert list(table["file"]) == ["fracture.png", "normal.png", "bad.png"]
     assert table["error"].isna().tolist() == [True, True, False]
 

@@ -149,7 +149,8 @@ def test_json_output_lists_file_probability_label_error(capsys, use_artifacts, s
     code, out, _ = run_cli(capsys, str(scans), "--json", "--threshold", "0")
     assert code == 0  # a folder is searched for images only: readme.txt is not a failure
     rows = json.loads(out)
-    assert all(set(r) == {"file", "probability", "label", "error"} for r in rows)
+    keys = {"file", "probability", "label", "error", "flags", "unlike_training_data", "distance"}
+    assert all(set(r) == keys for r in rows)
     good = [r for r in rows if r["error"] is None]
     assert len(good) == 3 and all(r["label"] == "fracture" for r in good)  # threshold 0
 
