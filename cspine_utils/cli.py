@@ -142,6 +142,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             if r.ok:
                 extra = f"  Grad-CAM: {r.gradcam_file}" if r.gradcam_file else ""
                 extra += f"  ({r.gradcam_error})" if r.gradcam_error else ""
+                extra += "".join(f"  WARNING: {flag}" for flag in r.flags)
                 print(f"{r.file}\t{r.probability:.4f}\t{r.label}{extra}")
             else:
                 print(f"{r.file}\terror: {r.error}")

@@ -256,28 +256,18 @@ def save_bundle(
 ) -> Path:
     """Save a trained model as a bundle folder (created; returned): ``model.keras`` + ``bundle.json``.
 
-    ``bundle.json`` records ``format_version``, ``name`` (default: the model's), ``created`` (UTC),
-    ``model_file``, ``model_sha256``, ``class_names`` (the probability is that of ``class_names[1]``),
-    ``image_size`` (pixels) and ``channels`` (both must match the model), ``input_range`` [0, 1],
-    ``preprocessing`` (settings of ``pipeline.load_and_preprocess``, e.g. ``crop_roi``),
-    ``threshold`` (probability in [0, 1]), ``val_metrics``, ``weights`` (a :class:`WeightsInfo`
-    or null), ``data_fingerprint`` (:func:`manifest_fingerprint`), ``seed``, ``profile`` (checked by
-    ``config.get_profile``), ``versions``, ``compute_dtype`` ("float32": a model trained under a
-    mixed policy is saved through ``hardware.as_float32``), ``trained_compute_dtypes``, ``calibration``
-    (``(temperature T > 0, bias b)`` fitted on validation, ``p = sigmoid(logit / T + b)``; (1, 0) = none;
-    ``threshold`` is on that calibrated scale) and ``unlike_training`` (``reference.describe()`` and the sha256 of ``reference.npz``, or null).
-    Files are written to temporary names and renamed, so a bundle is never half-written.
-
+    ``bundle.json`` holds the arguments (``class_names[1]`` is the class whose probability is output;
+    ``image_size`` and ``channels`` must match the model; ``threshold`` in [0, 1] on the calibrated
+    scale; ``calibration`` ``(T > 0, b)``: ``p = sigmoid(logit / T + b)``, (1, 0) = none), plus
+    ``created``, ``model_sha256``, ``versions``, ``compute_dtype`` "float32" (a mixed-precision model
+    is saved through ``hardware.as_float32``) and ``unlike_training`` (``reference.describe()`` and
+    the sha256 of ``reference.npz``, or null). Files are written to temporary names and renamed.
     Raises ``ValueError`` naming a value that is invalid or does not match the model.
     """
     checked = _checked_arguments(model, class_names, image_size, channels, threshold, seed, weights_info)
     names, size, channels, threshold = checked
     prof = profile if isinstance(profile, config.Profile) else config.get_profile(profile)
-    temperature, bias = (float(v) for v in calibration)
-    if not (np.isfinite(temperature) and temperature > 0 and np.isfinite(bias)):
-        raise ValueError(f"calibration must be (temperature > 0, finite bias), got {calibration!r}")
-    if reference is not None and not isinstance(reference, FeatureReference):
-        raise ValueError(f"reference must be a trust.FeatureReference or None, got {type(reference).__name__}")
+    calibration_record = _calibration_record(calibration, reference)
     folder = Path(bundle_dir)
     model_path, trained_dtypes = _save_model_float32(model, folder)
     unlike = _save_reference(reference, folder)
@@ -300,18 +290,23 @@ def save_bundle(
         "profile": prof.name,
         "compute_dtype": "float32",
         "trained_compute_dtypes": trained_dtypes,
-        "calibration": {
-            "method": "temperature scaling"
-            + (" with a bias (Platt scaling)" if bias else "")
-            + ", fitted on validation",
-            "temperature": temperature,
-            "bias": bias,
-        },
+        "calibration": calibration_record,
         "unlike_training": unlike,
         "versions": _versions(),
     }
     records.write_json(folder / BUNDLE_FILE, record)
     return folder
+
+
+def _calibration_record(calibration: tuple[float, float], reference: FeatureReference | None) -> dict:
+    """The checked ``calibration`` entry of ``bundle.json`` (``reference`` is checked here too)."""
+    temperature, bias = (float(v) for v in calibration)
+    if not (np.isfinite(temperature) and temperature > 0 and np.isfinite(bias)):
+        raise ValueError(f"calibration must be (temperature > 0, finite bias), got {calibration!r}")
+    if reference is not None and not isinstance(reference, FeatureReference):
+        raise ValueError(f"reference must be a trust.FeatureReference or None, got {type(reference).__name__}")
+    method = "temperature scaling" + (" with a bias (Platt scaling)" if bias else "") + ", fitted on validation"
+    return {"method": method, "temperature": temperature, "bias": bias}
 
 
 def _save_reference(reference: FeatureReference | None, folder: Path) -> dict | None:
