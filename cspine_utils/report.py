@@ -274,6 +274,7 @@ def _collect_facts(report: Path, notebooks: list[Path], profile: str, data_dir: 
         "phantom": phantom,
         "alarms": _alarms(audit),
         "class_means": _read_optional(art / "data" / "class_means.json") or None,
+        "app_screenshot": _read_optional(report / "figures" / "gui.json") or None,
         "notebooks": [
             {"name": nb.stem, "html": f"html/{nb.stem}.html", "seconds": timings.get(nb.stem)} for nb in notebooks
         ],
@@ -393,6 +394,10 @@ def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
     lines += ["## Key figures", ""] if figures else []
     for name, caption in figures:
         lines += [f"### {caption}", "", f"![{caption}](figures/{name}.png)", ""]
+        if name == "gui" and facts.get("app_screenshot"):
+            from .appshot import caption as screenshot_caption  # noqa: PLC0415
+
+            lines += [screenshot_caption(facts["app_screenshot"]), ""]
     lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in facts["versions"].items()), ""]
     return "\n".join(lines)
 

@@ -210,3 +210,20 @@ def test_report_on_the_phantom_says_so_and_raises_no_alarm(mini_course, tmp_path
     assert "Not evidence" not in markdown and "figures/phantom_montage.png" in markdown
     assert "largest difference 0.08 of the grey range, no coarse difference between the classes" in markdown
     assert facts["data_source"] == "synthetic phantom (default dataset of the smoke profile)"
+
+
+def test_the_app_screenshot_is_captioned_from_what_the_app_showed(mini_course, tmp_path):
+    nbdir, rep, _ = mini_course
+    (rep / "figures").mkdir(parents=True)
+    (rep / "figures" / "gui.png").write_bytes(b"\x89PNG stand-in")
+    shown = {"bundle": "vgg16", "weights": "VGG16 convs from HED/BSDS500", "file": "S00042_C5.png", "split": "test"}
+    shown |= {"label": "fracture", "probability": 0.912, "decision": "fracture", "threshold": 0.41, "gradcam": True}
+    write_json(rep / "figures" / "gui.json", shown)
+    record = {"layout": "synthetic", "root": str(tmp_path / "synth"), "shortcut_auc": 0.55, "shortcut_alarm": False}
+    markdown, facts = _render_stand_in(nbdir, rep, tmp_path / "artifacts", record, class_diff=0.05)
+    assert facts["app_screenshot"]["file"] == "S00042_C5.png"
+    assert "![The upload-and-predict app (Voilà, real browser)](figures/gui.png)" in markdown
+    assert (
+        "model vgg16 (VGG16 convs from HED/BSDS500), file S00042_C5.png, a phantom test fracture slice, Grad-CAM on; "
+        "the app showed probability 0.912, decision fracture at threshold 0.410." in markdown
+    )
