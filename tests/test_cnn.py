@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 from conftest import toy_images
 from PIL import Image
+from pydicom.data import get_testdata_file
 
-from cspine_utils import config, course, evaluate, explain, modelbundle, phantom, pipeline
+from cspine_utils import config, course, evaluate, explain, modelbundle, phantom, pipeline, trust
 
 # TensorFlow tensors meet NumPy 2's copy keyword inside Keras: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -154,6 +155,21 @@ def test_the_course_recipe_learns_an_easy_phantom_set(tmp_path):
     seconds = time.perf_counter() - started
     assert auc >= 0.9, f"validation AUC {auc:.3f} after {len(history.epoch)} epochs ({seconds:.0f} s)"
     assert history.history["val_auc"][0] < 0.9  # it was learned, not there from the start
+
+    # notebook 03's calibration and feature reference on the same model: calibration keeps the ranking,
+    # and pydicom's real CT slices (never seen: the model learned from the phantom) are unlike the training data
+    z_val, features_val = trust.logits_and_features(model, val_ds)
+    t, b = course.fit_calibration(z_val, y_val)
+    assert evaluate.roc_auc(y_val, trust.sigmoid(z_val / t + b)) == pytest.approx(auc, abs=1e-9)
+    train_plain = pipeline.make_dataset(train_rows, 64, 16, training=False, crop_roi=True)
+    features_train = trust.logits_and_features(model, train_plain)[1]
+    reference = trust.FeatureReference.fit(features_train, pipeline.label_to_int(train_rows["label"]), features_val)
+    real_ct = [get_testdata_file(n) for n in ("CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm")]
+    x_real = np.stack([pipeline.load_and_preprocess(path, 64, crop_roi=True) for path in real_ct])
+    distances = reference.distance(trust.logits_and_features(model, x_real)[1])
+    assert (distances > reference.cutoff).all(), (
+        f"real CT distances {distances.round(1)}, cut-off {reference.cutoff:.1f}"
+    )
 
 
 def test_builders_keep_a_float32_output_under_mixed_float16():
