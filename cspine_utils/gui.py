@@ -124,7 +124,9 @@ def _card(r: predict.PredictionResult, positive: bool, show_gradcam: bool) -> ip
     images = [] if r.image is None else [_captioned("as the model sees it", r.image)]
     if show_gradcam and r.heatmap is not None and r.image is not None:
         try:
-            images.append(_captioned("Grad-CAM: where the model looked", predict.overlay_rgb(r.image, r.heatmap)))
+            images.append(
+                _captioned(f"{r.heatmap_name}: where the model looked", predict.overlay_rgb(r.image, r.heatmap))
+            )
         except Exception as exc:  # noqa: BLE001
             lines.append(f"<small>Grad-CAM overlay unavailable ({_e(exc)})</small>")
     elif show_gradcam and r.gradcam_error:
@@ -315,7 +317,7 @@ class _Display:
             try:
                 heatmaps = predict.gradcam_heatmaps(self.bundle, np.stack([r.image for r in todo])[..., None])
                 for r, heatmap in zip(todo, heatmaps):
-                    r.heatmap = heatmap
+                    r.heatmap, r.heatmap_name = heatmap, predict.heatmap_name(self.bundle)
             except Exception as exc:  # noqa: BLE001
                 for r in todo:
                     r.gradcam_error = f"Grad-CAM could not be computed ({type(exc).__name__}: {exc})"

@@ -73,6 +73,7 @@ class PredictionResult:
     heatmap: np.ndarray | None = field(default=None, repr=False)
     gradcam_file: str | None = None  # where the Grad-CAM overlay PNG was written
     gradcam_error: str | None = None  # why Grad-CAM could not be computed
+    heatmap_name: str = "Grad-CAM"  # the method (and layer) that drew ``heatmap``: :func:`heatmap_name`
     flags: list[str] = field(default_factory=list)  # warnings to show beside the probability
     distance: float | None = None  # distance to the training data (trust.FeatureReference)
     unlike_training: bool | None = None  # True: beyond the bundle's cut-off (None: the bundle has no reference)
@@ -238,11 +239,29 @@ def _unsupported(path: str) -> str | None:
     return f"unsupported file type (no extension): use {SUPPORTED_TYPES_TEXT}"
 
 
+def heatmap_method(bundle: Bundle) -> tuple[str, str | None]:
+    """``(method, layer)`` of ``explain.gradcam`` for this bundle: the one notebook 05 chose on validation
+    (``explain.json`` beside the bundle), else plain Grad-CAM at the default layer (``None``)."""
+    from . import records  # noqa: PLC0415
+
+    path = Path(bundle.path) / "explain.json"
+    chosen = records.read_json(path) if path.is_file() else {}
+    return str(chosen.get("method", "gradcam")), chosen.get("layer")
+
+
+def heatmap_name(bundle: Bundle) -> str:
+    """The heat map's method in words, e.g. ``"HiResCAM at block3_conv3"``."""
+    method, layer = heatmap_method(bundle)
+    name = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM", "layercam": "LayerCAM"}.get(method, method)
+    return f"{name} at {layer}" if layer else name
+
+
 def gradcam_heatmaps(bundle: Bundle, images: np.ndarray) -> np.ndarray:
-    """Grad-CAM heat maps ``(N, S, S)`` in [0, 1] of model inputs ``(N, S, S, 1)`` (``explain.gradcam``)."""
+    """Heat maps ``(N, S, S)`` in [0, 1] of model inputs ``(N, S, S, 1)`` by :func:`heatmap_method`."""
     from . import explain  # noqa: PLC0415
 
-    return np.asarray(explain.gradcam(bundle.model, images), dtype=np.float32)
+    method, layer = heatmap_method(bundle)
+    return np.asarray(explain.gradcam(bundle.model, images, layer, method=method), dtype=np.float32)
 
 
 def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
@@ -306,7 +325,7 @@ def _add_gradcam(good: list[PredictionResult], bundle: Bundle, batch: np.ndarray
         out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     for r, image, heatmap in zip(good, batch[..., 0], heatmaps):
-        r.heatmap = heatmap
+        r.heatmap, r.heatmap_name = heatmap, heatmap_name(bundle)
         if out_dir is not None:
             target = _unique_png(out_dir, Path(r.file).stem, used)
             Image.fromarray(overlay_rgb(image, heatmap)).save(target)

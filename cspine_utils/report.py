@@ -33,7 +33,8 @@ KEY_FIGURES = (
     ("04_vgg_learning_curves", "VGG16 learning curves (head, then fine-tuning)"),
     ("05_roc_pr", "ROC and PR curves of both models on the test split"),
     ("05_calibration", "Calibration"),
-    ("05_gradcam_true_positives", "Grad-CAM on true positives, fracture mask outlined"),
+    ("05_localisation_methods", "Heatmap methods compared: pointing game on test fractures, per type"),
+    ("05_gradcam_true_positives", "The heatmap chosen on validation, on true positives (fracture mask outlined)"),
     ("05_error_gallery", "Errors: false negatives first"),
     ("gui", "The upload-and-predict app (Voilà, real browser)"),
 )

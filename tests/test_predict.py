@@ -269,3 +269,19 @@ def test_a_bundle_that_crops_to_the_spine_crops_in_every_path(tmp_path, scans):
     shown = app.predict_bytes(path.name, path.read_bytes())
     assert shown.probability == result.probability
     np.testing.assert_array_equal(shown.image, expected_input[..., 0])
+
+
+def test_the_heatmap_chosen_in_notebook_05_is_the_one_the_app_draws(tmp_path):
+    """explain.json beside a bundle (written by notebook 05) sets the method and layer of every heat map."""
+    from cspine_utils import explain, records
+
+    bundle = modelbundle.load_bundle(make_tiny_bundle(tmp_path / "models"))
+    path = phantom_png(tmp_path / "slice.png", seed=4)
+    plain = predict.predict_paths([path], bundle, gradcam_dir=tmp_path / "cams")[0]
+    assert plain.heatmap_name == "Grad-CAM" and plain.heatmap is not None
+    records.write_json(bundle.path / "explain.json", {"method": "hirescam", "layer": "block1_conv1_relu"})
+    chosen = predict.predict_paths([path], bundle, gradcam_dir=tmp_path / "cams")[0]
+    assert chosen.heatmap_name == "HiResCAM at block1_conv1_relu"
+    expected = explain.gradcam(bundle.model, chosen.image[None, ..., None], "block1_conv1_relu", method="hirescam")
+    np.testing.assert_allclose(chosen.heatmap, expected[0], atol=1e-6)
+    assert not np.allclose(chosen.heatmap, plain.heatmap)
