@@ -22,7 +22,7 @@ import papermill
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cspine_utils import config, data, evaluate, modelbundle, phantom, pipeline, records, report
+from cspine_utils import config, data, evaluate, explain, modelbundle, phantom, pipeline, records, report
 
 NOTEBOOKS = config.repo_root() / "notebooks"
 COURSE = [p.stem for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))]
@@ -119,6 +119,12 @@ def test_products_are_handed_over(course):
     for model in ("cnn", "vgg16"):
         assert (art / "models" / model / "bundle.json").is_file()
         assert (art / "metrics" / f"{model}.json").is_file()
+        bundle = modelbundle.load_bundle(art / "models" / model)  # 03/04 calibrate and keep the feature reference
+        assert bundle.calibration != (1.0, 0.0) and bundle.reference is not None
+        assert 0 <= bundle.reference.val_flagged <= 0.1
+        # 05 chose the heatmap on validation and saved it for the app
+        assert records.read_json(art / "models" / model / "explain.json")["method"] in explain.CAM_METHODS
+        assert set(evaluate.load_metrics(art / "metrics" / f"{model}.json")["calibration"]) >= {"before", "after"}
 
 
 @pytest.mark.slow
