@@ -164,8 +164,8 @@ class Bundle:
         """Calibrated fracture probabilities, shape (N,) float32, of image files, through the one prediction
         path of the app and the CLI (``predict.predict_paths``: input guard, preprocessing as in training).
 
-        Raises ``ValueError`` naming every file that was refused and why; prints the flags of the others
-        (e.g. "unlike the slices the model learned from") as warnings.
+        Raises ``ValueError`` naming every file that was refused and why; the flags of the others (e.g.
+        "unlike the slices the model learned from") become one ``UserWarning`` naming the first three.
         """
         import warnings  # noqa: PLC0415
 
@@ -177,9 +177,11 @@ class Bundle:
         refused = [f"{r.file}: {r.error}" for r in results if not r.ok]
         if refused:
             raise ValueError(f"{len(refused)} of {len(results)} file(s) not predicted: " + "; ".join(refused))
-        for r in results:
-            for flag in r.flags:
-                warnings.warn(f"{r.file}: {flag}", UserWarning, stacklevel=2)
+        flagged = [f"{Path(r.file).name}: {r.flags[0]}" for r in results if r.flags]
+        if flagged:  # one warning for the batch, files by name (a path may be the machine's)
+            more = f" (and {len(flagged) - 3} more)" if len(flagged) > 3 else ""
+            text = f"{len(flagged)} of {len(results)} file(s) carry a warning: " + "; ".join(flagged[:3]) + more
+            warnings.warn(text, UserWarning, stacklevel=2)
         return np.array([r.probability for r in results], dtype=np.float32)
 
     def classify(self, probabilities: Iterable[float]) -> list[str]:

@@ -360,7 +360,25 @@ def _metrics_markdown(facts: dict) -> list[str]:
     lines += [_row(str(r.get(c, "")) for c in header) for r in records] + [""]
     if metrics.get("paired_test"):
         lines += [f"Paired bootstrap test of the AUC difference: {metrics['paired_test']}", ""]
-    return lines
+    return lines + _calibration_and_localisation(metrics)
+
+
+def _calibration_and_localisation(metrics: dict) -> list[str]:
+    """One line per model: ECE and Brier before/after calibration, and the chosen heatmap's pointing game."""
+    ci = lambda e: f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"  # noqa: E731
+    lines = []
+    for name, cal in (metrics.get("calibration") or {}).items():
+        if {"before", "after"} <= set(cal):
+            b, a = cal["before"], cal["after"]
+            lines.append(
+                f"- **{name}** calibration (T = {cal['temperature']:.2f}, b = {cal['bias']:+.2f}, fitted on validation): "
+                f"test ECE {ci(b['ece'])} → {ci(a['ece'])}, Brier {ci(b['brier'])} → {ci(a['brier'])}"
+            )
+    lines += [
+        f"- **{name}** heatmap chosen on validation: {text}"
+        for name, text in (metrics.get("localisation") or {}).items()
+    ]
+    return lines + [""] if lines else []
 
 
 def _row(cells) -> str:

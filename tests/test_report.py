@@ -227,3 +227,17 @@ def test_the_app_screenshot_is_captioned_from_what_the_app_showed(mini_course, t
         "model vgg16 (VGG16 convs from HED/BSDS500), file S00042_C5.png, a phantom test fracture slice, Grad-CAM on; "
         "the app showed probability 0.912, decision fracture at threshold 0.410." in markdown
     )
+
+
+def test_calibration_and_heatmap_lines_come_from_notebook_05s_record():
+    e = lambda v, lo, hi: {"value": v, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    cal = {"temperature": 0.71, "bias": -5.33, "before": {"ece": e(0.361, 0.288, 0.444), "brier": e(0.269, 0.19, 0.35)}}
+    cal["after"] = {"ece": e(0.07, 0.037, 0.126), "brier": e(0.075, 0.039, 0.116)}
+    lines = report._calibration_and_localisation({"calibration": {"vgg16": cal}, "localisation": {"vgg16": "pg 0.83"}})
+    assert lines == [
+        "- **vgg16** calibration (T = 0.71, b = -5.33, fitted on validation): test ECE 0.361 [0.288, 0.444] → "
+        "0.070 [0.037, 0.126], Brier 0.269 [0.190, 0.350] → 0.075 [0.039, 0.116]",
+        "- **vgg16** heatmap chosen on validation: pg 0.83",
+        "",
+    ]
+    assert report._calibration_and_localisation({}) == []

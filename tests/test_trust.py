@@ -98,8 +98,10 @@ def test_one_path_for_cli_app_and_bundle(tmp_path, inputs):
     assert upload.error == "MR image (DICOM Modality MR): this model reads CT"
     with pytest.raises(ValueError, match=r"1 of 2 file\(s\) not predicted: .*MR_small.dcm: MR image"):
         bundle.predict_files([inputs["phantom"], inputs["mr"]])
-    with pytest.warns(UserWarning, match="does not look like a bone-window CT slice"):
-        assert bundle.predict_files([inputs["dark"]]).shape == (1,)
+    with pytest.warns(
+        UserWarning, match=r"^1 of 2 file\(s\) carry a warning: dark.png: does not look like a bone-window"
+    ):
+        assert bundle.predict_files([inputs["dark"], inputs["phantom"]]).shape == (2,)
 
 
 def test_fit_calibration_recovers_a_known_temperature_and_bias():
