@@ -162,3 +162,17 @@ def test_bundle_stores_calibration_and_reference(tmp_path, inputs):
         modelbundle.load_bundle(folder)
     with pytest.raises(ValueError, match="calibration must be"):
         modelbundle.save_bundle(bundle.model, tmp_path / "bad", image_size=bundle.image_size, calibration=(0, 0))
+
+
+def test_cspine_predict_json_gives_the_reasons_and_the_flags(tmp_path, inputs, capsys):
+    from cspine_utils import cli
+
+    bundle_dir = make_tiny_bundle(tmp_path / "models")
+    files = [str(inputs[k]) for k in ("mr", "colour", "dark", "phantom")]
+    code = cli.main(["predict", *files, "--model", str(bundle_dir), "--json"])
+    rows = {Path(r["file"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert code == 1  # some files could not be used
+    assert rows["MR_small.dcm"]["error"] == "MR image (DICOM Modality MR): this model reads CT"
+    assert rows["astronaut.png"]["error"].startswith("colour image") and rows["astronaut.png"]["probability"] is None
+    assert rows["dark.png"]["error"] is None and rows["dark.png"]["flags"][0].startswith(guard.NOT_BONE_WINDOW)
+    assert rows["phantom slice.png"]["flags"] == [] and 0.0 <= rows["phantom slice.png"]["probability"] <= 1.0
