@@ -14,6 +14,7 @@ Every course model ends in ``Dense(1, sigmoid)`` named ``modelbundle.OUTPUT_LAYE
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,13 +54,22 @@ def split_output(model: keras.Model) -> tuple[keras.Model, np.ndarray, float]:
 def logits_and_features(model: keras.Model, data: Any, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``(N,)`` and penultimate features ``(N, D)`` (float64) of images ``(N, S, S, C)`` or a dataset."""
     features_model, w, b = split_output(model)
+    tf_logger = logging.getLogger("tensorflow")  # a new feature model traces anew: TF's "retracing" warning is expected
+    level, _ = tf_logger.level, tf_logger.setLevel(logging.ERROR)
+    try:
+        features = _features(features_model, data, batch_size, w.size)
+    finally:
+        tf_logger.setLevel(level)
+    return features @ w + b, features
+
+
+def _features(features_model, data: Any, batch_size: int, dim: int) -> np.ndarray:
     if isinstance(data, np.ndarray):
         feats = [features_model.predict_on_batch(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
-        features = np.concatenate([np.asarray(f) for f in feats]) if feats else np.zeros((0, w.size))
+        features = np.concatenate([np.asarray(f) for f in feats]) if feats else np.zeros((0, dim))
     else:
         features = features_model.predict(data, verbose=0)
-    features = np.asarray(features, dtype=np.float64).reshape(-1, w.size)
-    return features @ w + b, features
+    return np.asarray(features, dtype=np.float64).reshape(-1, dim)
 
 
 @dataclass
