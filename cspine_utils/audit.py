@@ -328,10 +328,9 @@ def _group_summary(manifest: pd.DataFrame, near_table: pd.DataFrame, leaking: li
             "count groups - not files - as your sample size."
         )
     if leaking:
-        names = ", ".join(leaking[:_LIST_LIMIT]) + (", ..." if len(leaking) > _LIST_LIMIT else "")
         warnings.append(
             f"cross-split leakage: {len(leaking)} source groups ({int(leak_table['n_files'].sum())} files) appear "
-            f"in more than one split: {names}. Validation scores on these splits are inflated; re-split by group "
+            f"in more than one split: {_listed(leaking)}. Validation scores on these splits are inflated; re-split by group "
             "(data.assign_groups + a grouped split)."
         )
     return group_table, leak_table, cpg, warnings
@@ -372,9 +371,9 @@ def patient_warnings(table: pd.DataFrame, leaking_patients: list[str] = ()) -> l
             "slices counts one patient many times. Count patients, not slices, as the sample size."
         )
     if leaking_patients:
-        names = ", ".join(leaking_patients[:_LIST_LIMIT]) + (", ..." if len(leaking_patients) > _LIST_LIMIT else "")
         out.append(
-            f"patient leakage: {len(leaking_patients)} patients (scans) have slices in more than one split: {names}. "
+            f"patient leakage: {len(leaking_patients)} patients (scans) have slices in more than one split: "
+            f"{_listed(leaking_patients)}. "
             "Neighbouring slices of one scan are near copies; split by patient (data.choose_split does)."
         )
     return out
@@ -656,6 +655,11 @@ def _linked_groups(manifest: pd.DataFrame, columns: list[str]) -> np.ndarray:
 
 
 # Text helpers
+def _listed(names: list[str]) -> str:
+    """The first :data:`_LIST_LIMIT` names, comma-separated, with ", ..." when there are more."""
+    return ", ".join(names[:_LIST_LIMIT]) + (", ..." if len(names) > _LIST_LIMIT else "")
+
+
 def _joined(values: pd.Series) -> str:
     return ",".join(sorted({str(v) if str(v) else "(none)" for v in values}))
 

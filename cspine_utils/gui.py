@@ -316,8 +316,9 @@ class _Display:
         if change["new"] and todo:
             try:
                 heatmaps = predict.gradcam_heatmaps(self.bundle, np.stack([r.image for r in todo])[..., None])
+                name = predict.heatmap_name(self.bundle)
                 for r, heatmap in zip(todo, heatmaps):
-                    r.heatmap, r.heatmap_name = heatmap, predict.heatmap_name(self.bundle)
+                    r.heatmap, r.heatmap_name = heatmap, name
             except Exception as exc:  # noqa: BLE001
                 for r in todo:
                     r.gradcam_error = f"Grad-CAM could not be computed ({type(exc).__name__}: {exc})"

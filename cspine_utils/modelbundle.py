@@ -16,7 +16,7 @@ import numpy as np
 from . import config, records
 from .hardware import as_float32, compute_dtypes
 from .pretrained import WeightsInfo
-from .trust import FeatureReference, sigmoid, split_output
+from .trust import FeatureReference, sigmoid, split_logits, split_output
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
@@ -120,11 +120,7 @@ class Bundle:
         x = self._checked(images)
         if self._split is None:
             self._split = split_output(self.model)
-        features_model, w, b = self._split
-        step = max(1, int(batch_size))
-        parts = [np.asarray(features_model.predict_on_batch(x[i : i + step])) for i in range(0, len(x), step)]
-        features = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, w.size))
-        logits = features @ w + b
+        logits, features = split_logits(self._split, x, batch_size)
         distance = self.reference.distance(features) if self.reference is not None else np.full(len(x), np.nan)
         temperature, bias = self.calibration
         return {

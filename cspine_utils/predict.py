@@ -287,10 +287,7 @@ def _unique_png(out_dir: Path, stem: str, used: set[str]) -> Path:
 
 def _read_inputs(entries, bundle: Bundle, max_pixels: int, results: list[PredictionResult]) -> list[np.ndarray]:
     """Preprocess every usable entry ``(shown, path, error)``; set ``error`` on the others."""
-    from . import (
-        guard,  # noqa: PLC0415
-        pipeline,  # noqa: PLC0415
-    )
+    from . import guard, pipeline  # noqa: PLC0415
 
     crop = bool(bundle.preprocessing.get("crop_roi", False))
     images = []
@@ -324,8 +321,9 @@ def _add_gradcam(good: list[PredictionResult], bundle: Bundle, batch: np.ndarray
 
         out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
+    name = heatmap_name(bundle)
     for r, image, heatmap in zip(good, batch[..., 0], heatmaps):
-        r.heatmap, r.heatmap_name = heatmap, heatmap_name(bundle)
+        r.heatmap, r.heatmap_name = heatmap, name
         if out_dir is not None:
             target = _unique_png(out_dir, Path(r.file).stem, used)
             Image.fromarray(overlay_rgb(image, heatmap)).save(target)

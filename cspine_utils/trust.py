@@ -3,9 +3,10 @@
 Every course model ends in ``Dense(1, sigmoid)`` named ``modelbundle.OUTPUT_LAYER``. Its input is the
 *feature vector* ``f`` (penultimate layer) and ``logit = f · w + b``. Two things are built on that:
 
-* **Calibration** (notebook 03 fits it): ``p = sigmoid(logit / T)`` with one temperature ``T`` fitted
-  on validation (Guo et al. 2017). Logits are computed from the features, so probabilities that a
-  float32 sigmoid rounds to 1.000 keep their order and can still be calibrated.
+* **Calibration** (notebook 03 fits it): ``p = sigmoid(logit / T + b)`` with a temperature ``T`` and a
+  bias ``b`` fitted on validation (temperature scaling, Guo et al. 2017, with Platt's bias). Logits are
+  computed from the features, so probabilities that a float32 sigmoid rounds to 1.000 keep their order
+  and can still be calibrated.
 * **Unlike the training data** (:class:`FeatureReference`, Lee et al. 2018): class means and one shared
   covariance of the training slices' features; an image whose Mahalanobis distance to the nearest class
   mean exceeds a cut-off (the ``quantile`` of validation distances, 99 %: about 1 % of in-distribution
@@ -24,7 +25,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import keras
 
-__all__ = ["FeatureReference", "logits_and_features", "sigmoid", "split_output", "UNLIKE_TRAINING"]
+__all__ = ["FeatureReference", "logits_and_features", "sigmoid", "split_logits", "split_output", "UNLIKE_TRAINING"]
 
 UNLIKE_TRAINING = "this image is unlike the slices the model learned from: its probability means nothing"
 
@@ -53,23 +54,29 @@ def split_output(model: keras.Model) -> tuple[keras.Model, np.ndarray, float]:
 
 def logits_and_features(model: keras.Model, data: Any, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``(N,)`` and penultimate features ``(N, D)`` (float64) of images ``(N, S, S, C)`` or a dataset."""
-    features_model, w, b = split_output(model)
     tf_logger = logging.getLogger("tensorflow")  # a new feature model traces anew: TF's "retracing" warning is expected
     level, _ = tf_logger.level, tf_logger.setLevel(logging.ERROR)
     try:
-        features = _features(features_model, data, batch_size, w.size)
+        return split_logits(split_output(model), data, batch_size)
     finally:
         tf_logger.setLevel(level)
-    return features @ w + b, features
 
 
-def _features(features_model, data: Any, batch_size: int, dim: int) -> np.ndarray:
+def split_logits(split: tuple, data: Any, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`logits_and_features` with a :func:`split_output` already made (a bundle keeps its own).
+
+    Arrays go through ``predict_on_batch`` in batches of ``batch_size`` (``predict`` builds a data
+    pipeline per call, most of the app's time for one image); a ``tf.data`` dataset through ``predict``.
+    """
+    features_model, w, b = split
+    step = max(1, int(batch_size))
     if isinstance(data, np.ndarray):
-        feats = [features_model.predict_on_batch(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
-        features = np.concatenate([np.asarray(f) for f in feats]) if feats else np.zeros((0, dim))
+        parts = [np.asarray(features_model.predict_on_batch(data[i : i + step])) for i in range(0, len(data), step)]
+        features = np.concatenate(parts) if parts else np.zeros((0, w.size))
     else:
         features = features_model.predict(data, verbose=0)
-    return np.asarray(features, dtype=np.float64).reshape(-1, dim)
+    features = np.asarray(features, dtype=np.float64).reshape(-1, w.size)
+    return features @ w + b, features
 
 
 @dataclass
