@@ -63,11 +63,8 @@ def logits_and_features(model: keras.Model, data: Any, batch_size: int = 32) -> 
 
 
 def split_logits(split: tuple, data: Any, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`logits_and_features` with a :func:`split_output` already made (a bundle keeps its own).
-
-    Arrays go through ``predict_on_batch`` in batches of ``batch_size`` (``predict`` builds a data
-    pipeline per call, most of the app's time for one image); a ``tf.data`` dataset through ``predict``.
-    """
+    """:func:`logits_and_features` from a kept :func:`split_output`; arrays go through ``predict_on_batch``
+    (``predict`` builds a data pipeline per call, most of the app's time for one image), datasets ``predict``."""
     features_model, w, b = split
     step = max(1, int(batch_size))
     if isinstance(data, np.ndarray):
