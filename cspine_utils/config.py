@@ -36,6 +36,15 @@ class Profile:
     tuner_trials: int
     tuner_epochs: int
     bootstrap_resamples: int
+    # CT studies (notebook 07): the synthetic RSNA-layout set, its prepared cache and the 2.5D models
+    n_studies: int  # synthetic studies (about half with a fracture)
+    study_matrix: int  # in-plane pixels of the synthetic DICOM slices
+    study_slice_mm: float  # slice spacing (= thickness) of the synthetic series, mm
+    cache_size: int  # in-plane pixels of a prepared (cached) slice = the 2.5D model's input side
+    cache_crop_mm: float  # side of the central square kept in-plane before resizing, mm
+    cache_spacing_mm: float  # slice spacing the cache is resampled to, mm
+    epochs_slice: int  # 2.5D slice model: epochs of the head on the frozen VGG16 base
+    epochs_sequence: int  # GRU over a study's slice features
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +64,14 @@ PROFILES: dict[str, Profile] = {
         tuner_trials=2,
         tuner_epochs=1,
         bootstrap_resamples=200,
+        n_studies=12,
+        study_matrix=64,
+        study_slice_mm=5.0,
+        cache_size=32,
+        cache_crop_mm=128.0,
+        cache_spacing_mm=5.0,
+        epochs_slice=2,
+        epochs_sequence=3,
     ),
     "cpu": Profile(
         name="cpu",
@@ -69,6 +86,14 @@ PROFILES: dict[str, Profile] = {
         tuner_trials=6,
         tuner_epochs=6,
         bootstrap_resamples=1000,
+        n_studies=80,
+        study_matrix=128,
+        study_slice_mm=2.5,
+        cache_size=64,
+        cache_crop_mm=128.0,
+        cache_spacing_mm=5.0,
+        epochs_slice=10,
+        epochs_sequence=40,
     ),
     "gpu": Profile(
         name="gpu",
@@ -83,6 +108,14 @@ PROFILES: dict[str, Profile] = {
         tuner_trials=30,
         tuner_epochs=20,
         bootstrap_resamples=2000,
+        n_studies=400,
+        study_matrix=256,
+        study_slice_mm=1.25,
+        cache_size=128,
+        cache_crop_mm=128.0,
+        cache_spacing_mm=2.5,
+        epochs_slice=20,
+        epochs_sequence=60,
     ),
 }
 
@@ -119,10 +152,28 @@ def data_dir(profile: str | Profile | None = None) -> Path:
     return synthetic_data_dir(profile)
 
 
+def synthetic_studies_dir(profile: str | Profile | None = None) -> Path:
+    """Where the generated RSNA-layout CT studies of a profile live: ``<repo>/data/synthetic/rsna_<profile>``."""
+    prof = profile if isinstance(profile, Profile) else get_profile(profile)
+    return repo_root() / "data" / "synthetic" / f"rsna_{prof.name}"
+
+
+def studies_dir(profile: str | Profile | None = None) -> Path:
+    """The CT studies to use (notebook 07): ``CSPINE_STUDIES_DIR`` (an RSNA-layout folder or a prepared
+    cache) if set, else the profile's synthetic studies."""
+    env = os.environ.get("CSPINE_STUDIES_DIR", "").strip()
+    return Path(env).expanduser() if env else synthetic_studies_dir(profile)
+
+
 def artifacts_dir() -> Path:
     """Where models, splits, tuner state and metrics go (``CSPINE_ARTIFACTS`` or ``<repo>/artifacts``)."""
     env = os.environ.get("CSPINE_ARTIFACTS", "").strip()
     return Path(env).expanduser() if env else repo_root() / "artifacts"
+
+
+def studies_cache_dir() -> Path:
+    """Where notebook 07 prepares RSNA-layout studies into a windowed cache: ``<artifacts>/studies_cache``."""
+    return artifacts_dir() / "studies_cache"
 
 
 def report_dir() -> Path:
