@@ -98,6 +98,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         runs = report.run_course(
             args.profile,
             args.data_dir,
+            studies_dir=args.studies_dir,
             only=args.only,
             start_from=args.start_from,
             render=not args.no_render,
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="execute the course notebooks in order (papermill) and render the report")
     r.add_argument("--profile", default=None, help="smoke | cpu | gpu (default: $CSPINE_PROFILE or cpu)")
     r.add_argument("--data-dir", default=None, help="dataset folder (default: the profile's synthetic dataset)")
+    r.add_argument(
+        "--studies-dir",
+        default=None,
+        help="CT studies for notebook 07: an RSNA 2022-layout folder or a prepared cache (default: the "
+        "profile's synthetic studies)",
+    )
     r.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 03,04")
     r.add_argument("--from", dest="start_from", default=None, help="resume from this notebook, e.g. 04")
     r.add_argument("--no-render", action="store_true", help="execute only; do not render the report")

@@ -44,6 +44,8 @@ NOTE = "Teaching project, not a medical device."
 #: classes are said to differ in coarse appearance (the cpu phantom measures below 0.1).
 CLASS_MEANS_VISIBLE = 0.15
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
+#: Notebooks whose ``DATA_DIR`` is a folder of CT studies (RSNA layout or a prepared cache), not slices.
+STUDY_NOTEBOOKS = ("07_studies_2p5d",)
 _PAPERMILL_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
 _METRIC_PREFIXES = ("model", "weights", "n", "ROC AUC", "PR AUC", "sensitivity (", "specificity (")
 
@@ -153,6 +155,7 @@ def run_course(
     profile: str | None = None,
     data_dir: str | os.PathLike | None = None,
     *,
+    studies_dir: str | os.PathLike | None = None,
     only: str | None = None,
     start_from: str | None = None,
     notebooks_dir: str | os.PathLike | None = None,
@@ -164,7 +167,8 @@ def run_course(
     """Execute the course notebooks with papermill, then render the report.
 
     ``profile``: ``smoke``, ``cpu`` or ``gpu`` (default ``CSPINE_PROFILE`` or ``cpu``); ``data_dir``:
-    dataset folder (default: the profile's synthetic set); ``only="03,04"`` or ``start_from="04"``
+    dataset folder (default: the profile's synthetic set); ``studies_dir``: CT studies for notebook 07
+    (an RSNA-layout folder or a prepared cache; default: the profile's synthetic studies); ``only="03,04"`` or ``start_from="04"``
     select notebooks; ``report_dir`` receives ``executed/``, ``timings.json`` and the report.
     ``before(notebook)`` runs before each notebook is executed, in the notebooks' environment.
     Raises :class:`NotebookFailed` when a notebook raises (the run stops there).
@@ -175,11 +179,11 @@ def run_course(
     chosen = select_notebooks(course_notebooks(notebooks_dir), only, start_from)
     env = {"CSPINE_PROFILE": prof.name, "CSPINE_REPORT_DIR": str(report.resolve())}
     env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
-    if data_dir:
-        if not Path(data_dir).expanduser().exists():
-            raise FileNotFoundError(f"data folder not found: {Path(data_dir).expanduser()}")
-        env["CSPINE_DATA_DIR"] = str(Path(data_dir).expanduser().resolve())
-    params = {"PROFILE": prof.name, "DATA_DIR": env.get("CSPINE_DATA_DIR", "")}
+    for name, folder in (("CSPINE_DATA_DIR", data_dir), ("CSPINE_STUDIES_DIR", studies_dir)):
+        if folder:
+            if not Path(folder).expanduser().exists():
+                raise FileNotFoundError(f"data folder not found: {Path(folder).expanduser()}")
+            env[name] = str(Path(folder).expanduser().resolve())
     timings = _read_optional(report / "timings.json")
     runs: list[NotebookRun] = []
     total_start = time.perf_counter()
@@ -191,7 +195,9 @@ def run_course(
             out = report / "executed" / nb.name
             if before is not None:
                 before(nb)
-            seconds = _execute(nb, out, params)
+            study = nb.stem in STUDY_NOTEBOOKS
+            data = env.get("CSPINE_STUDIES_DIR" if study else "CSPINE_DATA_DIR", "")
+            seconds = _execute(nb, out, {"PROFILE": prof.name, "DATA_DIR": data})
             timings[nb.stem] = round(seconds, 1)
             write_json(report / "timings.json", timings, sort_keys=True)
             runs.append(NotebookRun(nb.stem, round(seconds, 1), str(out)))
