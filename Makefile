@@ -1,13 +1,15 @@
 # Cervical-spine CT fracture course: one-command set-up, run and test.
-#   make run    generate the default synthetic dataset, execute notebooks 01-06 (a real-browser
-#               screenshot of the app before 06), render report/
+#   make run    generate the default synthetic datasets (slices and CT studies), execute notebooks
+#               01-07 (a real-browser screenshot of the app before 06), render report/
 #   make test   run every test, then nbval on the notebooks (creates .venv and installs everything on first use)
-# Variables: PROFILE=smoke|cpu|gpu  DATA_DIR=path  PYTHON=python3  RUN_ARGS="--from 04"
+# Variables: PROFILE=smoke|cpu|gpu  DATA_DIR=path (slices)  STUDIES_DIR=path (RSNA layout or a
+#            prepared cache, notebook 07)  PYTHON=python3  RUN_ARGS="--from 04"
 
 PYTHON   ?= python3
 VENV     ?= .venv
 PROFILE  ?= cpu
 DATA_DIR ?=
+STUDIES_DIR ?=
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -16,6 +18,9 @@ RUN_ARGS ?=
 export CSPINE_PROFILE := $(PROFILE)
 ifneq ($(strip $(DATA_DIR)),)
 export CSPINE_DATA_DIR := $(DATA_DIR)
+endif
+ifneq ($(strip $(STUDIES_DIR)),)
+export CSPINE_STUDIES_DIR := $(STUDIES_DIR)
 endif
 
 .PHONY: help venv run data test test-fast nbval lab clean distclean
@@ -42,6 +47,7 @@ data: $(STAMP)
 run: data
 	@$(MAKE) --no-print-directory browser || true
 	$(VENV)/bin/cspine run --profile $(PROFILE) $(if $(strip $(DATA_DIR)),--data-dir "$(DATA_DIR)") \
+	  $(if $(strip $(STUDIES_DIR)),--studies-dir "$(STUDIES_DIR)") \
 	  --app-screenshot "$${CSPINE_REPORT_DIR:-report}/figures/gui.png" $(RUN_ARGS)
 
 test: $(STAMP) browser
