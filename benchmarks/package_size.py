@@ -1,8 +1,9 @@
 """Print the size of the shared package: lines per module, the total, and its longest functions.
 
-The course keeps `cspine_utils/` a small package of helpers (target: at most 9,000 lines since issue 12 added the input guard, calibration and
-the app screenshot — it was 8,000 —, no function
-or method over 60 lines, counted from its `def` line to its last line, docstring included).
+The course keeps `cspine_utils/` a small package of helpers (target: at most 10,500 lines since issue 13
+added CT series (reading, preparation) and the 3-D phantom in the RSNA layout — it was 9,000 after
+issue 12, 8,000 before —, no function or method over 60 lines, counted from its `def` line to its last
+line, docstring included).
 
     python benchmarks/package_size.py [--top 5]
 """
@@ -35,7 +36,7 @@ def main() -> None:
         total += lines
         print(f"{lines:6d}  {module.name}")
     lengths = sorted((length for module in modules for length in function_lengths(module)), reverse=True)
-    print(f"{total:6d}  total lines in {len(modules)} modules (target <= 9000)")
+    print(f"{total:6d}  total lines in {len(modules)} modules (target <= 10500)")
     print(f"{sum(n > 60 for n, _ in lengths)} of {len(lengths)} functions are longer than 60 lines; the longest:")
     for n, name in lengths[: args.top]:
         print(f"{n:6d}  {name}")
