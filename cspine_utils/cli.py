@@ -3,6 +3,7 @@
     cspine data synth --out DIR --n N --seed S [--difficulty D]   generate a synthetic dataset
     cspine data default [--profile P]                            the profile's default dataset
     cspine data montage --out PNG                                figure of the phantom
+    cspine data prepare RSNA_DIR --out CACHE [--shard i/n]       CT studies → windowed cache
     cspine run [--profile P] [--data-dir D] [--only 03,04] [--from 04] [--app-screenshot PNG]
                                                                 the whole course + report
     cspine audit DATA_DIR [--json] [--seed S]                   dataset checks before training
@@ -70,6 +71,45 @@ def _cmd_default(args: argparse.Namespace) -> int:
         args.force,
         quiet=args.quiet,
     )
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """``argparse`` type for ``--shard i/n`` (1 <= i <= n)."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n such as 1/4, got {text!r}") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"needs 1 <= i <= n, got {text!r}")
+    return i, n
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    """``cspine data prepare``: 0 = every study prepared (or already done), 1 = some skipped."""
+    from . import series  # noqa: PLC0415
+
+    prof = config.get_profile(args.profile)
+    rep = series.prepare(
+        args.rsna_dir,
+        args.out,
+        size=args.size or prof.cache_size,
+        crop_mm=args.crop_mm or prof.cache_crop_mm,
+        spacing_mm=args.spacing_mm or prof.cache_spacing_mm,
+        workers=args.workers,
+        shard=args.shard,
+        progress=not args.quiet,
+    )
+    c = rep["counts"]
+    print(
+        f"prepared {c['prepared']} of {c['studies']} studies (shard {rep['shard']}; {c['already_done']} already done, "
+        f"{c['failed']} skipped) into {Path(args.out).resolve()} in {rep['seconds']:.1f} s "
+        f"({rep['slices_per_s'] or 0:.0f} slices/s, {rep['workers']} workers); {c['in_cache']} studies in the cache"
+    )
+    for item in rep["skipped"]:
+        print(f"skipped {item['study']}: {item['reason']}")
+    for problem in rep["label_problems"]:
+        print(f"label problem: {problem}")
+    return 1 if rep["skipped"] else 0
 
 
 def _cmd_montage(args: argparse.Namespace) -> int:
@@ -182,6 +222,17 @@ def _add_data_parsers(sub) -> None:
     m = dsub.add_parser("montage", help="write the phantom montage figure")
     m.add_argument("--out", default=str(config.figures_dir() / "phantom_montage.png"))
     m.set_defaults(func=_cmd_montage)
+    pp = dsub.add_parser("prepare", help="convert RSNA-layout CT studies once into a windowed cache (resumable)")
+    pp.add_argument("rsna_dir", metavar="RSNA_DIR", help="folder with train.csv and train_images/<UID>/*.dcm")
+    pp.add_argument("--out", required=True, metavar="CACHE", help="cache folder (new, or one to resume)")
+    pp.add_argument("--profile", default=None, help="profile whose cache sizes are the defaults (smoke | cpu | gpu)")
+    pp.add_argument("--size", type=positive_int, default=None, help="pixels of a cached slice side")
+    pp.add_argument("--crop-mm", type=float, default=None, help="central in-plane square kept, mm")
+    pp.add_argument("--spacing-mm", type=float, default=None, help="slice spacing of the cache, mm")
+    pp.add_argument("--workers", type=positive_int, default=None, help="processes (default: min(cores, 4))")
+    pp.add_argument("--shard", type=shard_arg, default=(1, 1), help="i/n: this job's share of the studies")
+    pp.add_argument("--quiet", action="store_true", help="no progress bar")
+    pp.set_defaults(func=_cmd_prepare)
 
 
 def _add_predict_parser(sub) -> None:
