@@ -340,34 +340,23 @@ def _save_atomic(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_one(task: dict) -> dict:
-    """Worker: read one study, write ``<uid>.npz`` then its sidecar; return a small summary (never the volume)."""
-    t0, uid, s = time.perf_counter(), task["uid"], task["settings"]
-    try:
-        study = read_study(task["folder"])
-        mask = read_segmentation(task["mask"], study) if task["mask"] else None
-    except (SeriesError, dicom.DicomError, OSError) as exc:
-        return {"study": uid, "ok": False, "reason": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - one broken study must not stop the batch
-        return {"study": uid, "ok": False, "reason": f"{task['folder']}: {type(exc).__name__}: {exc}"}
-    size, spacing = s["size"], s["spacing_mm"]
-    hu, geometry = crop_resize(study.hu, study.spacing_mm[1:], s["crop_mm"], size)
-    hu, z_new = resample_z(hu, study.z_mm, spacing)
-    vertebrae = np.zeros((len(z_new), 7), dtype=np.uint8)
-    cache_mask = np.zeros((0, size, size), dtype=np.uint8)
+def _cache_arrays(study: Study, mask: np.ndarray | None, task: dict) -> dict:
+    """The npz arrays of one study (resampled along z first, then cropped and resized in-plane)."""
+    s = task["settings"]
+    size, spacing, yx = s["size"], s["spacing_mm"], study.spacing_mm[1:]
+    hu, z_new = resample_z(study.hu, study.z_mm, spacing)
+    hu, geometry = crop_resize(hu, yx, s["crop_mm"], size)
+    vertebrae, cache_mask = np.zeros((len(z_new), 7), dtype=np.uint8), np.zeros((0, size, size), dtype=np.uint8)
     if mask is not None:
         present = np.stack([(mask == v).any(axis=(1, 2)) for v in range(1, 8)], axis=1).astype(np.uint8)
         vertebrae = resample_z(present, study.z_mm, spacing, nearest=True)[0]
-        cache_mask = resample_z(
-            crop_resize(mask, study.spacing_mm[1:], s["crop_mm"], size, True)[0], study.z_mm, spacing, True
-        )[0]
-    boxes, box_slices = _box_arrays(
-        study, np.asarray(task["boxes"], dtype=np.float64).reshape(-1, 5), z_new, geometry, spacing
-    )
-    arrays = {
+        cache_mask = crop_resize(resample_z(mask, study.z_mm, spacing, True)[0], yx, s["crop_mm"], size, True)[0]
+    source_boxes = np.asarray(task["boxes"], dtype=np.float64).reshape(-1, 5)
+    boxes, box_slices = _box_arrays(study, source_boxes, z_new, geometry, spacing)
+    return {
         "windows": np.stack([window_to_uint8(hu, *wl) for wl in s["windows"].values()]),
         "z_mm": z_new,
-        "spacing_mm": np.array([spacing, *(s["crop_mm"] / size,) * 2], dtype=np.float32),
+        "spacing_mm": np.array([spacing, s["crop_mm"] / size, s["crop_mm"] / size], dtype=np.float32),
         "labels": np.asarray(task["labels"], dtype=np.float32),
         "vertebrae": vertebrae,
         "has_mask": np.array(mask is not None),
@@ -376,17 +365,28 @@ def _prepare_one(task: dict) -> dict:
         "has_boxes": np.array(len(boxes) > 0),
         "boxes": boxes,
     }
-    folder = Path(task["out"]) / "studies"
-    _save_atomic(folder / f"{uid}.npz", arrays)
+
+
+def _prepare_one(task: dict) -> dict:
+    """Worker: read one study, write ``<uid>.npz`` then its sidecar; return a small summary (never the volume)."""
+    t0, uid, folder = time.perf_counter(), task["uid"], Path(task["out"]) / "studies"
+    try:
+        study = read_study(task["folder"])
+        arrays = _cache_arrays(study, read_segmentation(task["mask"], study) if task["mask"] else None, task)
+        _save_atomic(folder / f"{uid}.npz", arrays)
+    except (SeriesError, dicom.DicomError) as exc:
+        return {"study": uid, "ok": False, "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one broken study must not stop the batch
+        return {"study": uid, "ok": False, "reason": f"{task['folder']}: {type(exc).__name__}: {exc}"}
     summary = {
         "study": uid,
         "ok": True,
-        "n_slices": len(z_new),
+        "n_slices": len(arrays["z_mm"]),
         "source_slices": len(study.z_mm),
-        "has_mask": mask is not None,
-        "has_boxes": len(boxes) > 0,
+        "has_mask": bool(arrays["has_mask"]),
+        "has_boxes": bool(arrays["has_boxes"]),
         "labels": task["labels"],
-        "settings": s,
+        "settings": task["settings"],
         "seconds": round(time.perf_counter() - t0, 3),
     }
     records.write_json(folder / f"{uid}.json", summary)
