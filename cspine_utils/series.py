@@ -93,10 +93,17 @@ def _headers(folder: Path) -> list[dict]:
     return heads
 
 
-def _check_series(folder: Path, heads: list[dict]) -> None:
-    """One CT series, one geometry, and a decoder for every transfer syntax; SeriesError otherwise."""
+def _can_decode(syntax) -> bool:
     from pydicom.pixels import get_decoder  # noqa: PLC0415
 
+    try:
+        return get_decoder(syntax).is_available
+    except NotImplementedError:  # a syntax pydicom cannot decode at all
+        return False
+
+
+def _check_series(folder: Path, heads: list[dict]) -> None:
+    """One CT series, one geometry, and a decoder for every transfer syntax; SeriesError otherwise."""
     series = pd.Series([h["series"] for h in heads]).value_counts()
     if len(series) > 1:
         found = ", ".join(f"{uid} ({n} files)" for uid, n in series.items())
@@ -110,7 +117,7 @@ def _check_series(folder: Path, heads: list[dict]) -> None:
     if not all(np.allclose(h["iop"], heads[0]["iop"], atol=1e-3) for h in heads):
         raise SeriesError(f"{folder}: slices differ in ImageOrientationPatient")
     for syntax in sorted({h["syntax"] for h in heads}):
-        if syntax.is_compressed and not get_decoder(syntax).is_available:
+        if syntax.is_compressed and not _can_decode(syntax):
             raise SeriesError(
                 f"{folder}: pixel data in transfer syntax {syntax.name} ({syntax}) and no decoder for it is "
                 f"installed; install one: {DECODER_PACKAGES}"
@@ -212,12 +219,14 @@ def _valid_labels(labels: pd.DataFrame, problems: list[str]) -> pd.DataFrame:
     binary = values.isin([0, 1]).all(axis=1)
     consistent = values["patient_overall"] == values[list(VERTEBRAE)].max(axis=1)
     unique = ~labels["StudyInstanceUID"].duplicated(keep=False)
-    for uid in labels.loc[~binary, "StudyInstanceUID"]:
-        problems.append(f"train.csv: study {uid} has label values other than 0/1; skipped")
-    for uid in labels.loc[binary & ~consistent, "StudyInstanceUID"]:
-        problems.append(f"train.csv: study {uid} has patient_overall != max(C1..C7); skipped")
-    for uid in labels.loc[~unique, "StudyInstanceUID"].unique():
-        problems.append(f"train.csv: study {uid} appears more than once; skipped")
+    checks = {
+        "has values other than 0/1": ~binary,
+        "has patient_overall != max(C1..C7)": binary & ~consistent,
+        "appears more than once": ~unique,
+    }
+    for why, bad in checks.items():
+        for uid in labels.loc[bad, "StudyInstanceUID"].unique():
+            problems.append(f"train.csv: study {uid} {why}; its labels are not used")
     keep = binary & consistent & unique
     out = labels.loc[keep, ["StudyInstanceUID"]].copy()
     out[list(LABEL_COLUMNS)] = values.loc[keep].astype(int)
@@ -243,17 +252,18 @@ def read_rsna_labels(src: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame
 
     Returns ``labels`` (index StudyInstanceUID, int columns patient_overall, C1..C7) for the
     studies with a folder, the usable ``boxes`` and a list of problems, each naming the study:
-    invalid label rows, studies in train.csv with no folder (dropped), folders not in train.csv
-    (prepared without labels), boxes for an unknown study, on a slice the study lacks or outside
+    invalid label rows and folders not in train.csv (prepared without labels), studies in
+    train.csv with no folder (dropped), boxes for an unknown study, on a slice the study lacks or outside
     the image (dropped). Missing columns raise ValueError naming the file.
     """
     src = Path(src)
     problems: list[str] = []
-    labels = _valid_labels(_read_csv(src / "train.csv", ("StudyInstanceUID", *LABEL_COLUMNS)), problems)
+    table = _read_csv(src / "train.csv", ("StudyInstanceUID", *LABEL_COLUMNS))
+    labels, listed = _valid_labels(table, problems), set(table["StudyInstanceUID"])
     folders = {p.name for p in (src / "train_images").iterdir() if p.is_dir()}
-    for uid in sorted(set(labels.index) - folders):
+    for uid in sorted(listed - folders):
         problems.append(f"train.csv: study {uid} has no folder in train_images/; skipped")
-    for uid in sorted(folders - set(labels.index)):
+    for uid in sorted(folders - listed):
         problems.append(f"train_images/{uid}: not in train.csv; prepared without labels")
     labels = labels.loc[sorted(set(labels.index) & folders)]
     box_file = src / "train_bounding_boxes.csv"
