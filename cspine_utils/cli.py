@@ -1,6 +1,7 @@
 """The ``cspine`` command line.
 
     cspine data synth --out DIR --n N --seed S [--difficulty D]   generate a synthetic dataset
+    cspine data synth --format rsna --studies N --out DIR        synthetic CT studies (RSNA 2022 layout)
     cspine data default [--profile P]                            the profile's default dataset
     cspine data montage --out PNG                                figure of the phantom
     cspine data prepare RSNA_DIR --out CACHE [--shard i/n]       CT studies → windowed cache
@@ -37,6 +38,11 @@ def positive_int(text: str) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from . import phantom  # noqa: PLC0415
 
+    if args.format == "rsna":
+        opts = {"seed": args.seed, "matrix": args.matrix, "slice_mm": args.slice_mm, "difficulty": args.difficulty}
+        return _generate_studies(Path(args.out), args.studies, opts, args.workers, args.force, args.quiet)
+    if args.n is None:
+        raise ValueError("--n (number of slices) is required for --format kaggle")
     fields = ("n", "seed", "difficulty", "fracture_fraction", "slices_per_subject", "val_fraction", "ct_model")
     cfg = phantom.SynthConfig(**{name: getattr(args, name) for name in fields})
     return _generate(Path(args.out), cfg, args.workers, args.force, quiet=args.quiet)
@@ -64,13 +70,34 @@ def _cmd_default(args: argparse.Namespace) -> int:
     from . import phantom  # noqa: PLC0415
 
     prof = config.get_profile(args.profile)
-    return _generate(
+    rc = _generate(
         config.synthetic_data_dir(prof),
         phantom.SynthConfig(n=prof.n_synthetic, seed=0),
         None,
         args.force,
         quiet=args.quiet,
     )
+    opts = {"seed": 0, "matrix": prof.study_matrix, "slice_mm": prof.study_slice_mm}
+    return rc or _generate_studies(
+        config.synthetic_studies_dir(prof), prof.n_studies, opts, None, args.force, args.quiet
+    )
+
+
+def _generate_studies(out: Path, n_studies: int, opts: dict, workers, force: bool, quiet: bool) -> int:
+    """Write (or reuse, when up to date) a synthetic CT study set in the RSNA 2022 layout."""
+    from . import phantom3d  # noqa: PLC0415
+
+    params = {"n_studies": n_studies, "difficulty": 0.5} | opts
+    if not force and phantom3d.is_up_to_date(out, **params):
+        print(f"synthetic CT studies up to date: {out.resolve()} ({n_studies} studies, seed {params['seed']})")
+        return 0
+    t0 = time.perf_counter()
+    info = phantom3d.write_rsna_dataset(out, workers=workers, progress=not quiet, force=True, **params)
+    print(
+        f"wrote {info['studies']} CT studies ({info['fractured']} fractured, {info['slices']} slices, "
+        f"{info['j2k_studies']} in JPEG 2000) to {out.resolve()} in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
 
 
 def shard_arg(text: str) -> tuple[int, int]:
@@ -201,9 +228,13 @@ def _add_data_parsers(sub) -> None:
     dsub = sub.add_parser("data", help="datasets: generate the synthetic CT phantom").add_subparsers(
         dest="data_command", required=True
     )
-    s = dsub.add_parser("synth", help="generate a synthetic dataset in the Kaggle layout")
+    s = dsub.add_parser("synth", help="generate a synthetic dataset (Kaggle slices or RSNA 2022 CT studies)")
     s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier synthetic dataset)")
-    s.add_argument("--n", type=int, required=True, help="number of slices (>= 1)")
+    s.add_argument("--format", choices=["kaggle", "rsna"], default="kaggle", help="PNG slices or DICOM studies")
+    s.add_argument("--n", type=int, default=None, help="number of slices (>= 1; --format kaggle)")
+    s.add_argument("--studies", type=int, default=12, help="number of CT studies (--format rsna, default 12)")
+    s.add_argument("--matrix", type=int, default=128, help="pixels per side of a slice (--format rsna, default 128)")
+    s.add_argument("--slice-mm", type=float, default=2.5, help="slice spacing, mm (--format rsna, default 2.5)")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
     s.add_argument("--difficulty", type=float, default=0.5, help="0 = obvious fractures ... 1 = hairline (default 0.5)")
     s.add_argument("--fracture-fraction", type=float, default=0.3, help="share of fracture slices (default 0.3)")
