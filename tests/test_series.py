@@ -347,3 +347,11 @@ def test_compressed_study_without_decoder_names_the_syntax_and_packages(rsna, tm
     assert "JPEG 2000 Image Compression (Lossless Only)" in skipped[0]["reason"]
     assert series.DECODER_PACKAGES in skipped[0]["reason"]
     assert len(series.load_manifest(tmp_path / "c")) == len(uids(rsna)) - 1
+
+
+def test_cli_prepare_prints_a_summary_and_exits_0(rsna, tmp_path, capsys):
+    args = ["data", "prepare", str(rsna), "--out", str(tmp_path / "c"), "--profile", "smoke", "--workers", "1"]
+    assert cli.main([*args, "--quiet"]) == 0
+    assert "prepared 4 of 4 studies (shard 1/1; 0 already done, 0 skipped)" in capsys.readouterr().out
+    assert cli.main([*args, "--quiet", "--shard", "2/2"]) == 0
+    assert "prepared 0 of 2 studies (shard 2/2; 2 already done, 0 skipped)" in capsys.readouterr().out
