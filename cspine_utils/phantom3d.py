@@ -203,6 +203,7 @@ def _spine_fields(study: dict, depth: float, xc, yc, px: float) -> dict:
     vc = -study["scan"]["lordosis"] * np.sin(np.pi * np.clip(depth / study["scan"]["length"], 0, 1))
     near = _nearest(study, depth)
     bone, seg, gaps, planes, mask, near_parts = [], [], [], [], np.zeros(xc.shape, bool), None
+    plate = np.zeros(xc.shape)
     for lv in LEVELS:
         if lv != near and not _present(lay[lv], depth, thk):
             continue
@@ -225,8 +226,21 @@ def _spine_fields(study: dict, depth: float, xc, yc, px: float) -> dict:
             mask |= ndimage.binary_dilation(m & on_bone, iterations=1)
             gaps.append((gap, comps, frac["plan"]["fill"]))
         near_parts = parts if lv == near else near_parts
-    fields = {"bone": bone, "seg": seg, "gaps": gaps, "plane": np.min(planes, axis=0), "mask": mask}
+        if lv != "C1":
+            plate = np.maximum(
+                plate, _endplate_share(lay[lv]["body"], depth, thk, sub.cortical_mm) * (parts["body"] < 0)
+            )
+    fields = {"bone": bone, "seg": seg, "gaps": gaps, "plane": np.min(planes, axis=0), "mask": mask, "plate": plate}
     return fields | {"near": near_parts, "near_level": near}
+
+
+def _endplate_share(body: tuple[float, float], depth: float, thk: float, plate_mm: float) -> float:
+    """Share of the body within the slice ``depth`` ± ``thk``/2 that is cortical end plate (``plate_mm`` thick)."""
+    lo, hi = depth - thk / 2, depth + thk / 2
+    overlap = lambda a, b: max(0.0, min(hi, b) - max(lo, a))  # noqa: E731
+    inside = overlap(*body)
+    plates = overlap(body[0], body[0] + plate_mm) + overlap(body[1] - plate_mm, body[1])
+    return plates / inside if inside > 0 else 0.0
 
 
 def _dens_centre(g: dict) -> float:
@@ -300,7 +314,7 @@ def _paint_spine(hu: np.ndarray, f: dict, study: dict, depth: float, px: float, 
     tex /= tex.std() + 1e-9
     coarse = ndimage.gaussian_filter(rng.standard_normal(hu.shape), 2.5 / px)
     canc = sub.cancellous_hu + 90.0 * tex + 25.0 * coarse * (2.5 / px)
-    inner = ph._coverage(f["plane"] + sub.cortical_mm, px)
+    inner = ph._coverage(f["plane"] + sub.cortical_mm, px) * (1.0 - f["plate"])
     bone_hu = sub.cortical_hu * (1 - inner) + canc * inner
     alpha = ph._coverage(bone_sd, px)
     for gap, comps, fill in f["gaps"]:  # haematoma in the gap, partly filled at high difficulty

@@ -135,11 +135,14 @@ def test_fracture_spans_contiguous_slices_inside_its_vertebra():
 
 
 def test_volume_is_continuous_along_z():
-    study = phantom3d.plan_study(1, 0, 96, 2.5, {}, 0.5)
-    vol = phantom3d.render_study(study)
-    t = vol["hu_true"].clip(-200, 1500)
+    """Neighbouring slices of the true HU volume are alike (lowest where a disc meets a body), unlike the
+    same slice of another patient."""
+    vol, other = (phantom3d.render_study(phantom3d.plan_study(i, 0, 96, 2.5, {}, 0.5)) for i in (1, 2))
+    t, u = vol["hu_true"].clip(-200, 1500), other["hu_true"].clip(-200, 1500)
     corr = [np.corrcoef(t[s].ravel(), t[s + 1].ravel())[0, 1] for s in range(len(t) - 1)]
-    assert np.median(corr) > 0.95 and min(corr) > 0.8, np.round(corr, 3)
+    assert np.median(corr) > 0.95 and min(corr) > 0.75, np.round(corr, 3)
+    across = [np.corrcoef(t[s].ravel(), u[s].ravel())[0, 1] for s in range(min(len(t), len(u)))]
+    assert np.median(across) < 0.8, np.round(across, 3)
     spine = (vol["seg"] > 0).sum(axis=(1, 2))
     assert (spine[3:-3] > 0).all(), "bone on every slice of the spine (discs lie between posterior elements)"
 
@@ -172,3 +175,56 @@ def test_cli_round_trip_reuse_and_refusal(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err and (user / "scan.dcm").read_text() == "x"
     assert cli.main([*args[:4], "--studies", "0", "--out", str(tmp_path / "z"), "--quiet"]) == 1
     assert "positive number of studies" in capsys.readouterr().err
+
+
+def test_label_plan_follows_rsna_shares():
+    plans = phantom3d.plan_labels(4000, 1)
+    fractured = [p for p in plans if p]
+    assert len(fractured) == 2000
+    assert abs(np.mean([len(p) == 1 for p in fractured]) - 0.7) < 0.03
+    counts = pd.Series([lv for p in fractured for lv in p]).value_counts(normalize=True)
+    assert np.allclose(counts.reindex(LEVELS).to_numpy(), phantom3d.LEVEL_SHARES, atol=0.03), counts
+    c1_types = pd.Series([p["C1"] for p in fractured if "C1" in p]).value_counts(normalize=True)
+    assert c1_types["burst"] > 0.3, "Jefferson-type ring breaks are common at C1"
+
+
+def test_scan_and_subject_do_not_depend_on_the_label():
+    """The label stream never reaches subject, scan or geometry: same study with and without a fracture, and
+    a cross-validated model on the scan metadata cannot tell the classes apart."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    a = phantom3d.plan_study(3, 0, 64, 2.5, {"C5": "burst"}, 0.5)
+    b = phantom3d.plan_study(3, 0, 64, 2.5, {}, 0.5)
+    assert a["subject"] == b["subject"] and a["scan"] == b["scan"] and np.array_equal(a["depths"], b["depths"])
+    plans = phantom3d.plan_labels(300, 2)
+    rows, y = [], []
+    for i, fractures in enumerate(plans):
+        st = phantom3d.plan_study(i, 2, 128, 2.5, fractures, 0.5)
+        sub, scan = st["subject"], st["scan"]
+        rows.append([sub.fov_mm, sub.dose, sub.kernel_sigma_mm, sub.kernel_boost, *sub.shift_mm, len(st["depths"])])
+        rows[-1] += [scan["intercept"], scan["j2k"], scan["ascending"], scan["z_top"], scan["kvp"], sub.window[0]]
+        y.append(bool(fractures))
+    x = np.asarray(rows, dtype=float)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-9)
+    auc = cross_val_score(LogisticRegression(max_iter=1000), x, y, cv=5, scoring="roc_auc").mean()
+    assert 0.38 < auc < 0.62, auc
+
+
+def test_interrupted_write_leaves_no_half_dataset(tmp_path, monkeypatch):
+    opts = {"seed": 6, "matrix": 48, "slice_mm": 6.0, "workers": 1, "progress": False}
+    out = tmp_path / "set"
+    phantom3d.write_rsna_dataset(out, 1, **opts)
+    before = (out / "train.csv").read_text()
+    real = phantom3d.write_study
+
+    def fail_on_second(root, study):
+        if study["index"] == 1:
+            raise RuntimeError("disk full")
+        return real(root, study)
+
+    monkeypatch.setattr(phantom3d, "write_study", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        phantom3d.write_rsna_dataset(out, 3, **opts)
+    assert (out / "train.csv").read_text() == before, "the previous set is kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"], "no temporary folder left"
