@@ -33,7 +33,7 @@ def main() -> None:
             src = Path(tmp) / "rsna"
             t0 = time.perf_counter()
             phantom3d.write_rsna_dataset(
-                src, prof.n_studies, seed=0, matrix=prof.study_matrix, slice_mm=prof.study_slice_mm
+                src, prof.n_studies, seed=0, matrix=prof.study_matrix, slice_mm=prof.study_slice_mm, progress=False
             )
             print(f"generated {prof.n_studies} synthetic studies in {time.perf_counter() - t0:.1f} s (not timed below)")
         rep = series.prepare(
@@ -47,6 +47,7 @@ def main() -> None:
         )
     c = rep["counts"]
     print(f"profile {prof.name}: {c['prepared']} studies prepared, {c['failed']} skipped, {rep['workers']} workers")
+    config.quiet_tensorflow_start()  # describe_device starts TensorFlow; hold back its start-up notices
     print(f"machine: {hardware.describe_device()}")
     print(
         f"wall time: {rep['seconds']:.1f} s  ({rep['slices_per_s']} source slices/s, {rep['studies_per_min']} studies/min)"
