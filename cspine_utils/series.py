@@ -388,17 +388,9 @@ def _prepare_one(task: dict) -> dict:
         return {"study": uid, "ok": False, "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one broken study must not stop the batch
         return {"study": uid, "ok": False, "reason": f"{task['folder']}: {type(exc).__name__}: {exc}"}
-    summary = {
-        "study": uid,
-        "ok": True,
-        "n_slices": len(arrays["z_mm"]),
-        "source_slices": len(study.z_mm),
-        "has_mask": bool(arrays["has_mask"]),
-        "has_boxes": bool(arrays["has_boxes"]),
-        "labels": task["labels"],
-        "settings": task["settings"],
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    summary = {"study": uid, "ok": True, "n_slices": len(arrays["z_mm"]), "source_slices": len(study.z_mm)}
+    summary |= {key: bool(arrays[key]) for key in ("has_mask", "has_boxes")}
+    summary |= {"labels": task["labels"], "settings": task["settings"], "seconds": round(time.perf_counter() - t0, 3)}
     records.write_json(folder / f"{uid}.json", summary)
     return {k: summary[k] for k in ("study", "ok", "source_slices", "seconds")}
 
@@ -409,9 +401,7 @@ def _settings(size: int, crop_mm: float, spacing_mm: float, windows) -> dict:
     if unknown or not names:
         raise ValueError(f"unknown window(s) {unknown or names}; choose from {', '.join(dicom.WINDOWS)}")
     if int(size) < 4 or crop_mm <= 0 or spacing_mm <= 0:
-        raise ValueError(
-            f"size must be >= 4 pixels and crop_mm, spacing_mm positive; got {size}, {crop_mm}, {spacing_mm}"
-        )
+        raise ValueError(f"need size >= 4, crop_mm > 0 and spacing_mm > 0; got {size}, {crop_mm}, {spacing_mm}")
     wl = {n: list(dicom.WINDOWS[n]) for n in names}
     return {"size": int(size), "crop_mm": float(crop_mm), "spacing_mm": float(spacing_mm), "windows": wl}
 
@@ -420,11 +410,8 @@ def _open_cache(out: Path, settings: dict) -> None:
     """Create ``out`` or check that it was prepared with the same settings (never overwrite another cache)."""
     if (out / "prepare.json").is_file():
         before = records.read_json(out / "prepare.json").get("settings")
-        if before != settings:
-            raise ValueError(
-                f"{out}: prepared with other settings ({before}); asked for {settings}. "
-                "Choose another --out or delete the folder."
-            )
+        if before != settings or list(before["windows"]) != list(settings["windows"]):  # window order = channels
+            raise ValueError(f"{out}: prepared with other settings ({before}), not {settings}; choose another --out")
     elif out.is_dir() and any(out.iterdir()):
         raise ValueError(f"{out}: exists, is not empty and is not a prepared cache; choose another --out")
     (out / "studies").mkdir(parents=True, exist_ok=True)

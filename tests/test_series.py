@@ -239,8 +239,10 @@ def test_resume_does_no_work_and_redoes_a_removed_study(cache, rsna, tmp_path):
     changed = [n for n, t in stamps.items() if (out / "studies" / n).stat().st_mtime_ns != t]
     assert changed == [f"{redo}.npz"]
     before = (out / "prepare.json").read_text()
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other settings"):  # another size
         series.prepare(rsna, out, size=48, crop_mm=CROP_MM, spacing_mm=SPACING_MM, progress=False)
+    with pytest.raises(ValueError, match="other settings"):  # the same windows in another order
+        series.prepare(rsna, out, **SETTINGS, windows=("soft", "bone", "wide"), progress=False)
     assert (out / "prepare.json").read_text() == before
 
 
