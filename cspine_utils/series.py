@@ -180,9 +180,12 @@ def read_segmentation(nii_path: str | os.PathLike, study: Study) -> np.ndarray:
     """
     import nibabel  # noqa: PLC0415
 
-    img = nibabel.load(str(nii_path))
-    data = np.asarray(img.dataobj)
-    data = data.reshape(data.shape[:3]).astype(np.uint8)
+    try:
+        img = nibabel.load(str(nii_path))
+        data = np.asarray(img.dataobj)
+        data = data.reshape(data.shape[:3]).astype(np.uint8)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds on a broken file
+        raise SeriesError(f"{study.folder}: cannot read the mask {nii_path} ({type(exc).__name__}: {exc})") from exc
     to_index = np.linalg.inv(img.affine)
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     _, n_rows, n_cols = study.hu.shape

@@ -276,6 +276,8 @@ def bad_dataset(rsna: Path, dst: Path) -> Path:
     rewrite(add_copy(ds_dir, good, "9.9.4"), lambda ds, k: setattr(ds, "Modality", "MR"))
     add_copy(ds_dir, good, "9.9.5", label=False)  # a folder that train.csv does not name
     add_copy(ds_dir, good, "9.9.7")
+    add_copy(ds_dir, good, "9.9.8")
+    (ds_dir / "segmentations" / "9.9.8.nii").write_bytes(b"not a NIfTI file")  # a broken mask
     labels = pd.read_csv(ds_dir / "train.csv", dtype={"StudyInstanceUID": str})
     labels.loc[labels["StudyInstanceUID"] == "9.9.7", ["patient_overall", "C1"]] = [0, 1]  # inconsistent labels
     ghost = labels.iloc[[0]].assign(StudyInstanceUID="9.9.6")  # a study with no folder
@@ -298,7 +300,8 @@ def test_bad_studies_labels_and_boxes_are_reported_and_the_rest_prepared(rsna, t
     assert code == 1
     report = json.loads((tmp_path / "c" / "prepare.json").read_text())
     reasons = {item["study"]: item["reason"] for item in report["skipped"]}
-    assert set(reasons) == {"9.9.1", "9.9.2", "9.9.3", "9.9.4"}
+    assert set(reasons) == {"9.9.1", "9.9.2", "9.9.3", "9.9.4", "9.9.8"}
+    assert "cannot read the mask" in reasons["9.9.8"] and "9.9.8.nii" in reasons["9.9.8"]
     assert "missing slice" in reasons["9.9.1"] and "duplicated slice position" in reasons["9.9.2"]
     assert "999.dcm" in reasons["9.9.2"] and "mixes 2 series" in reasons["9.9.3"] and "modality MR" in reasons["9.9.4"]
     assert all(reason.startswith(str(ds_dir / "train_images" / uid)) for uid, reason in reasons.items())
