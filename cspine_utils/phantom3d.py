@@ -222,8 +222,8 @@ def _spine_fields(study: dict, depth: float, xc, yc, px: float) -> dict:
             bone.append(sd if after is None else np.maximum(after, sd))
             planes.append(plane)
         if m is not None:
-            on_bone = np.min([c[0] for c in comps], axis=0) < 0.3
-            mask |= ndimage.binary_dilation(m & on_bone, iterations=1)
+            bone_sd = np.min([c[0] for c in comps], axis=0)
+            mask |= ndimage.binary_dilation(m & (bone_sd < 0.3) | _thin_break(gap, bone_sd < px / 2), iterations=1)
             gaps.append((gap, comps, frac["plan"]["fill"]))
         near_parts = parts if lv == near else near_parts
         if lv != "C1":
@@ -232,6 +232,12 @@ def _spine_fields(study: dict, depth: float, xc, yc, px: float) -> dict:
             )
     fields = {"bone": bone, "seg": seg, "gaps": gaps, "plane": np.min(planes, axis=0), "mask": mask, "plate": plate}
     return fields | {"near": near_parts, "near_level": near}
+
+
+def _thin_break(gap: np.ndarray, on_bone: np.ndarray) -> np.ndarray:
+    """Pixels of a break narrower than a pixel (coarse matrices): the most covered ones on or at the bone."""
+    g = gap * on_bone
+    return g >= max(0.5 * g.max(), 0.1)
 
 
 def _endplate_share(body: tuple[float, float], depth: float, thk: float, plate_mm: float) -> float:
@@ -484,8 +490,9 @@ def write_rsna_dataset(
     ``min(2, cpu count)``).
     """
     params = {"n_studies": n_studies, "seed": seed, "matrix": matrix, "slice_mm": slice_mm, "difficulty": difficulty}
-    if matrix < 32 or not 0.3 <= slice_mm <= 10 or not 0 <= difficulty <= 1 or seed < 0:
-        raise ValueError(f"bad study settings {params}: need matrix >= 32, 0.3 <= slice_mm <= 10, difficulty in [0, 1]")
+    if matrix < 64 or not 0.5 <= slice_mm <= 5 or not 0 <= difficulty <= 1 or seed < 0:  # coarser: breaks vanish
+        msg = "need --matrix >= 64, 0.5 <= --slice-mm <= 5, difficulty in [0, 1], seed >= 0"
+        raise ValueError(f"bad study settings {params}: {msg}")
     plans = plan_labels(n_studies, seed)
     out = Path(out).expanduser().resolve()
     if not force and is_up_to_date(out, **params):
