@@ -331,15 +331,14 @@ def crop_resize(volume: np.ndarray, spacing_yx: tuple[float, float], crop_mm: fl
 
 def _box_arrays(study: Study, boxes: np.ndarray, z_new: np.ndarray, geometry, spacing_mm: float):
     """Source boxes (K, 5: slice_number, x, y, width, height) → cache boxes (K, 5: z index, x, y, w, h) and (Z,) flags."""
-    z_index = lambda z: np.clip(np.rint((z_new[0] - z) / spacing_mm), 0, len(z_new) - 1).astype(int)  # noqa: E731
     flags = np.zeros(len(z_new), dtype=np.uint8)
     if not len(boxes):
         return np.zeros((0, 5), dtype=np.float32), flags
     r0, c0, sy, sx = geometry
     index = {int(n): i for i, n in enumerate(study.slice_numbers)}
     source = np.array([index[int(n)] for n in boxes[:, 0]])
-    k = z_index(study.z_mm[source])
-    flags[k] = 1
+    k = np.clip(np.rint((z_new[0] - study.z_mm[source]) / spacing_mm), 0, len(z_new) - 1).astype(int)
+    flags[k] = 1  # the cache slice nearest to each boxed slice, and each cache slice whose nearest slice is boxed
     nearest_source = np.rint(np.interp(-z_new, -study.z_mm, np.arange(len(study.z_mm)))).astype(int)
     flags[np.isin(nearest_source, source)] = 1
     cache = np.column_stack([k, (boxes[:, 1] - c0) / sx, (boxes[:, 2] - r0) / sy, boxes[:, 3] / sx, boxes[:, 4] / sy])

@@ -23,9 +23,9 @@ SETTINGS = {"size": SIZE, "crop_mm": CROP_MM, "spacing_mm": SPACING_MM}
 
 @pytest.fixture(scope="session")
 def rsna(tmp_path_factory) -> Path:
-    """Four synthetic studies in the RSNA layout (helper A's 3-D phantom), 48 px, 5 mm slices."""
+    """Four synthetic studies in the RSNA layout (helper A's 3-D phantom), 64 px, 5 mm slices."""
     out = tmp_path_factory.mktemp("rsna") / "rsna"
-    phantom3d.write_rsna_dataset(out, 4, seed=3, matrix=48, slice_mm=5.0, progress=False)
+    phantom3d.write_rsna_dataset(out, 4, seed=3, matrix=64, slice_mm=5.0, progress=False)
     return out
 
 
@@ -308,7 +308,7 @@ def test_bad_studies_labels_and_boxes_are_reported_and_the_rest_prepared(rsna, t
     problems = "\n".join(report["label_problems"])
     assert "9.9.6 has no folder" in problems and "9.9.5: not in train.csv" in problems
     assert "9.9.6, slice 1: unknown study" in problems and "slice_number 9999 is not a slice" in problems
-    assert "lies outside the 48x48 image" in problems
+    assert "lies outside the 64x64 image" in problems
     manifest = series.load_manifest(tmp_path / "c")
     assert "9.9.7 has patient_overall != max(C1..C7); its labels are not used" in problems
     assert set(manifest["StudyInstanceUID"]) == set(uids(rsna)) | {"9.9.5", "9.9.7"}
