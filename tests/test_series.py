@@ -52,11 +52,13 @@ def rewrite(folder: Path, edit) -> None:
         ds.save_as(path)
 
 
+def is_compressed(folder: Path) -> bool:
+    return pydicom.dcmread(next(folder.glob("*.dcm"))).file_meta.TransferSyntaxUID.is_compressed
+
+
 def uncompressed_study(rsna: Path) -> str:
     for uid in uids(rsna):
-        if not pydicom.dcmread(
-            next((rsna / "train_images" / uid).glob("*.dcm"))
-        ).file_meta.TransferSyntaxUID.is_compressed:
+        if not is_compressed(rsna / "train_images" / uid):
             return uid
     raise AssertionError("the fixture has no uncompressed study")
 
@@ -294,8 +296,8 @@ def bad_dataset(rsna: Path, dst: Path) -> Path:
 @pytest.mark.slow
 def test_bad_studies_labels_and_boxes_are_reported_and_the_rest_prepared(rsna, tmp_path, capsys):
     ds_dir = bad_dataset(rsna, tmp_path / "bad")
-    code = cli.main(["data", "prepare", str(ds_dir), "--out", str(tmp_path / "c"), "--size", "32", "--crop-mm", "128",
-                     "--spacing-mm", "5", "--workers", "2", "--quiet"])  # fmt: skip
+    sizes = ["--size", "32", "--crop-mm", "128", "--spacing-mm", "5"]
+    code = cli.main(["data", "prepare", str(ds_dir), "--out", str(tmp_path / "c"), *sizes, "--workers", "2", "--quiet"])
     printed = capsys.readouterr().out
     assert code == 1
     report = json.loads((tmp_path / "c" / "prepare.json").read_text())
@@ -336,16 +338,14 @@ print(json.dumps(report["skipped"]))
 def test_compressed_study_without_decoder_names_the_syntax_and_packages(rsna, tmp_path):
     ds_dir = copy_dataset(rsna, tmp_path / "d")
     for uid in uids(rsna):  # no study of the copy stays compressed but one
-        rewrite(
-            ds_dir / "train_images" / uid,
-            lambda ds, k: ds.decompress() if ds.file_meta.TransferSyntaxUID.is_compressed else None,
-        )
+        if is_compressed(ds_dir / "train_images" / uid):
+            rewrite(ds_dir / "train_images" / uid, lambda ds, k: ds.decompress())
     j2k = uids(rsna)[0]
     before = series.read_study(ds_dir / "train_images" / j2k).hu
     rewrite(ds_dir / "train_images" / j2k, lambda ds, k: ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg"))
     np.testing.assert_array_equal(series.read_study(ds_dir / "train_images" / j2k).hu, before)  # lossless here
-    run = subprocess.run([sys.executable, "-c", NO_DECODER, str(ds_dir), str(tmp_path / "c")], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    command = [sys.executable, "-c", NO_DECODER, str(ds_dir), str(tmp_path / "c")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     skipped = json.loads(run.stdout.strip().splitlines()[-1])
     assert [s["study"] for s in skipped] == [j2k]
