@@ -171,12 +171,6 @@ def _components(level: str, parts: dict, lay: dict, depth: float, zscale: float)
     return [(gated, np.minimum(parts["body"], arch), k)]
 
 
-def _present(lay: dict, depth: float, margin: float) -> bool:
-    """Whether any part of a vertebra (depth ranges ``lay``) lies within ``margin`` mm of ``depth``."""
-    ranges = list(lay.values())
-    return min(r[0] for r in ranges) - margin <= depth <= max(r[1] for r in ranges) + margin
-
-
 def _nearest(study: dict, depth: float) -> str:
     """The level whose body (C1: ring) is nearest to ``depth``: its canal, cord and disc are drawn."""
     dist = [max(_slab(depth, study["layout"][lv]["body"]), 0.0) for lv in LEVELS]
@@ -202,11 +196,11 @@ def _spine_fields(study: dict, depth: float, xc, yc, px: float) -> dict:
     sub, lay, thk = study["subject"], study["layout"], study["slice_mm"]
     vc = -study["scan"]["lordosis"] * np.sin(np.pi * np.clip(depth / study["scan"]["length"], 0, 1))
     near = _nearest(study, depth)
-    bone, seg, gaps, planes, mask, near_parts = [], [], [], [], np.zeros(xc.shape, bool), None
-    plate = np.zeros(xc.shape)
+    bone, seg, gaps, planes, near_parts = [], [], [], [], None
+    mask, plate = np.zeros(xc.shape, bool), np.zeros(xc.shape)
     for lv in LEVELS:
-        if lv != near and not _present(lay[lv], depth, thk):
-            continue
+        if lv != near and min(_slab(depth, r) for r in lay[lv].values()) > thk:
+            continue  # no part of this vertebra within a slice thickness
         g = _shape_at(lv, study["geom"][lv], lay[lv], depth)
         off = 1.0 - _dens_centre(g) if lv == "C1" else 0.0  # the dens stands on C2's body
         u, v = ph._rot(xc, yc, 0.0, sub.spine_y_mm + vc + off, study["rot"][lv])
@@ -231,7 +225,7 @@ def _spine_fields(study: dict, depth: float, xc, yc, px: float) -> dict:
                 plate, _endplate_share(lay[lv]["body"], depth, thk, sub.cortical_mm) * (parts["body"] < 0)
             )
     fields = {"bone": bone, "seg": seg, "gaps": gaps, "plane": np.min(planes, axis=0), "mask": mask, "plate": plate}
-    return fields | {"near": near_parts, "near_level": near}
+    return fields | {"near": near_parts}
 
 
 def _thin_break(gap: np.ndarray, on_bone: np.ndarray) -> np.ndarray:
@@ -273,12 +267,10 @@ def render_study_slice(study: dict, s: int) -> tuple[np.ndarray, np.ndarray, np.
     X, Y = np.meshgrid(coords, coords)
     x, y = ph._rot(X, Y, sub.shift_mm[0], sub.shift_mm[1], sub.rotation_deg)
     hu = np.full((n, n), ph.HU["air"], dtype=np.float32)
-    tissue = np.full((n, n), ph.TISSUE["air"], dtype=np.uint8)
 
-    def paint(d, value, label, hu_img=hu, tis_img=tissue):
+    def paint(d, value, _label):  # phantom's painter without the tissue labels
         cov = ph._coverage(d, px)
-        hu_img += cov * (value - hu_img)
-        tis_img[cov > 0.5] = ph.TISSUE[label]
+        hu[...] += cov * (value - hu)
         return cov
 
     lvl, neck = _neck_at(study, depth)
@@ -311,10 +303,8 @@ def _paint_spine(hu: np.ndarray, f: dict, study: dict, depth: float, px: float, 
     blend(parts["canal"], ph.HU["csf"])
     blend(parts["cord"], ph.HU["cord"])
     blend(parts["foramina"] + 0.3, ph.HU["vessel"])
-    k = LEVELS.index(f["near_level"])
-    in_disc = k >= 1 and not any(_slab(depth, lay[lv]["body"]) <= 0 for lv in LEVELS)
-    if in_disc and lay["C2"]["body"][1] < depth < lay["C7"]["body"][0]:
-        blend(parts["body"] + 0.3, DISC_HU)
+    if lay["C2"]["body"][1] < depth < lay["C7"]["body"][0] and all(_slab(depth, r["body"]) > 0 for r in lay.values()):
+        blend(parts["body"] + 0.3, DISC_HU)  # between two bodies
     bone_sd = np.min(f["bone"], axis=0)
     tex = ndimage.gaussian_filter(rng.standard_normal(hu.shape), 0.55 / px)
     tex /= tex.std() + 1e-9
@@ -335,9 +325,8 @@ def _paint_spine(hu: np.ndarray, f: dict, study: dict, depth: float, px: float, 
 def render_study(study: dict) -> dict:
     """All slices of a planned study: ``hu`` (reconstructed), ``hu_true``, ``mask``, ``seg`` (Z, N, N),
     superior -> inferior."""
-    sub = study["subject"]
+    sub, out = study["subject"], {"hu": [], "hu_true": [], "mask": [], "seg": []}
     px = sub.fov_mm / sub.matrix
-    out = {"hu": [], "hu_true": [], "mask": [], "seg": []}
     for s in range(len(study["depths"])):
         hu_true, mask, seg = render_study_slice(study, s)
         rng = np.random.default_rng([study["seed"], 6, study["index"], s])
@@ -365,14 +354,8 @@ def geometry(study: dict) -> dict:
 def nifti_affine(geo: dict) -> np.ndarray:
     """RAS affine of the stored mask ``nii[c, H-1-r, Z-1-s]`` (s superior -> inferior): see the module doc."""
     px, n = geo["pixel_mm"], geo["n"]
-    return np.array(
-        [
-            [-px, 0, 0, -geo["x0"]],
-            [0, px, 0, -(geo["y0"] + (n - 1) * px)],
-            [0, 0, geo["slice_mm"], float(geo["z"][-1])],
-            [0, 0, 0, 1],
-        ]
-    )
+    rows = [[-px, 0, 0, -geo["x0"]], [0, px, 0, -(geo["y0"] + (n - 1) * px)], [0, 0, geo["slice_mm"], geo["z"][-1]]]
+    return np.array([*rows, [0, 0, 0, 1]], dtype=float)
 
 
 def _dicom_slice(study: dict, geo: dict, s: int, number: int, hu: np.ndarray):
