@@ -4,6 +4,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 from scipy.optimize import minimize
 
 from cspine_utils import modelbundle, pretrained
@@ -192,3 +193,132 @@ def transplant_head(head, classifier):
             raise ValueError(f"{name}: the head has weights {shapes}, the classifier {expected}; same head_units?")
         target.set_weights(source.get_weights())
     return classifier
+
+
+# notebooks/07_studies_2p5d.ipynb, cell 6
+RSNA_LABEL_WEIGHTS = ((7.0, 14.0), (1.0, 2.0))  # (negative, positive): patient_overall, then each of C1..C7
+
+
+def weighted_log_loss(y_true, y_prob, per_study=False, eps=1e-15):
+    """The RSNA 2022 metric for labels and probabilities (N studies, 8): patient_overall, C1..C7.
+
+    Binary cross-entropy per label, weighted 14 / 7 (patient_overall positive / negative) and 2 / 1 (each
+    vertebra), summed and divided by the study's summed weights; the mean over studies (per_study=True:
+    the (N,) per-study values). Probabilities must lie in [0, 1]; they are clipped to [eps, 1 - eps] (as
+    sklearn's log_loss, which Kaggle scored with, did) so that a confident miss costs -log(eps), not infinity.
+    """
+    y, p = np.asarray(y_true, dtype=float), np.asarray(y_prob, dtype=float)
+    if y.ndim != 2 or y.shape[1:] != (8,) or p.shape != y.shape or len(y) == 0:
+        raise ValueError(f"need labels and probabilities of the same shape (N, 8), got {y.shape} and {p.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1 (patient_overall, C1..C7)")
+    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
+        raise ValueError(
+            f"probabilities must be finite and in [0, 1], got values from {np.nanmin(p)} to {np.nanmax(p)}"
+        )
+    p = np.clip(p, eps, 1 - eps)
+    (w_neg0, w_pos0), (w_neg, w_pos) = RSNA_LABEL_WEIGHTS
+    weights = np.where(y == 1, w_pos, w_neg)
+    weights[:, 0] = np.where(y[:, 0] == 1, w_pos0, w_neg0)
+    losses = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+    per = (weights * losses).sum(axis=1) / weights.sum(axis=1)
+    return per if per_study else float(per.mean())
+
+
+# notebooks/07_studies_2p5d.ipynb, cell 16
+SLICE_MODES = ("2.5d", "windows")
+
+
+def slice_inputs(windows, mode):
+    """Model inputs (Z, S, S, 3) float32 in [0, 1] from a cached study's windows (W, Z, S, S) uint8, W >= 3.
+
+    mode "2.5d": the first (bone) window of slices z-1, z, z+1 as the three channels (at the first and last
+    slice the missing neighbour repeats the slice); "windows": the first three windows of slice z.
+    """
+    w = np.asarray(windows)
+    if w.ndim != 4 or w.shape[0] < 3 or w.shape[1] < 1:
+        raise ValueError(f"windows must have shape (W >= 3, Z >= 1, S, S), got {w.shape}")
+    if mode == "2.5d":
+        bone = np.concatenate([w[0, :1], w[0], w[0, -1:]])
+        stacked = np.stack([bone[:-2], bone[1:-1], bone[2:]], axis=-1)
+    elif mode == "windows":
+        stacked = np.moveaxis(w[:3], 0, -1)
+    else:
+        raise ValueError(f"mode must be one of {SLICE_MODES}, got {mode!r}")
+    return stacked.astype(np.float32) / 255.0
+
+
+# notebooks/07_studies_2p5d.ipynb, cell 24
+def make_strategy(devices=None):
+    """The tf.distribute strategy a training cell runs under.
+
+    `devices` (e.g. ["/cpu:0", "/cpu:1"]): MirroredStrategy over them. Otherwise MirroredStrategy over all GPUs
+    when there are two or more (one model copy per GPU, gradients summed every step), else OneDeviceStrategy on
+    the one GPU or the CPU. Build and compile the model inside `strategy.scope()`.
+    """
+    if devices:
+        return tf.distribute.MirroredStrategy(devices=list(devices))
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+# notebooks/07_studies_2p5d.ipynb, cell 25
+def fit_slice_head(strategy, train, val, epochs, class_weight=None, learning_rate=1e-3, batch_size=64, patience=3):
+    """Notebook 04's head trained on slice features under `strategy`; returns (head, history dict).
+
+    train, val: (features (N, F) float32, labels (N,) 0/1). Built and compiled inside `strategy.scope()`;
+    `batch_size` is per replica. Notebook 03's callbacks stop early on validation AUC and keep the best epoch.
+    """
+    from cspine_utils import course  # notebook 04's head, notebook 03's metrics and callbacks
+
+    with strategy.scope():
+        head = course.build_head(features=train[0].shape[1])
+        head.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+            loss=keras.losses.BinaryCrossentropy(),
+            metrics=course.classifier_metrics(),
+        )
+    history = head.fit(
+        *train,
+        validation_data=val,
+        epochs=epochs,
+        batch_size=batch_size * strategy.num_replicas_in_sync,
+        class_weight=class_weight,
+        callbacks=course.training_callbacks(None, patience=patience),
+        verbose=2,
+    )
+    return head, history.history
+
+
+# notebooks/07_studies_2p5d.ipynb, cell 29
+def aggregate_slices(scores, presence, how="max", k=3):
+    """Scores (8,) [study, C1..C7] of one study from its slice scores (Z,) and vertebra presence (Z, 7) 0/1.
+
+    how="max": the highest slice score; "topk": the mean of the k highest. The study pools all slices,
+    vertebra v the slices where presence[:, v] is 1; a vertebra on no slice gets the study's score.
+    """
+    s, present = np.asarray(scores, dtype=float).ravel(), np.asarray(presence).astype(bool)
+    if s.size == 0 or present.shape != (s.size, 7) or how not in ("max", "topk") or int(k) < 1:
+        raise ValueError(
+            f"need scores (Z,), presence (Z, 7), how 'max' or 'topk', k >= 1; got {s.shape}, {present.shape}, {how!r}, {k}"
+        )
+
+    def pool(values):
+        return float(values.max()) if how == "max" else float(np.sort(values)[-int(k) :].mean())
+
+    study = pool(s)
+    return np.array([study] + [pool(s[present[:, v]]) if present[:, v].any() else study for v in range(7)])
+
+
+# notebooks/07_studies_2p5d.ipynb, cell 34
+def build_sequence_model(n_inputs, units=32, dropout=0.2, name="study_gru"):
+    """A GRU over a study's slices (B, Z, n_inputs), zero-padded in front -> (B, 8) probabilities.
+
+    The GRU's final state (after the last slice) feeds 8 sigmoids: patient_overall, C1..C7.
+    """
+    inputs = keras.Input((None, n_inputs), name="slices")
+    x = keras.layers.GRU(units, dropout=dropout, name="gru")(inputs)
+    outputs = keras.layers.Dense(8, activation="sigmoid", dtype="float32", name="study_probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)

@@ -278,3 +278,62 @@ def model_diagram(model, max_layers: int = 40):
     ax.set_title(f"{model.name}: {model.count_params():,} parameters", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def study_views(volume, mask=None, boxes=(), spacing_mm=(1.0, 1.0, 1.0), title: str = ""):
+    """Axial, sagittal and coronal views of a CT study with its vertebra mask and fracture boxes.
+
+    ``volume`` (Z, H, W), superior slice first: windowed grey values, uint8 0-255 or floats in [0, 1];
+    ``mask`` (Z, H, W) labels 0..7 (C1..C7, drawn in colour) or None; ``boxes`` rows (z index, x, y,
+    width, height) in pixels; ``spacing_mm`` (dz, dy, dx) sets the aspect. The planes cross at the centre
+    of the middle box (else of the volume). Returns the Matplotlib figure.
+    """
+    plt = pyplot()
+    vol = np.asarray(volume, dtype=np.float32)
+    vol = vol / 255.0 if vol.max(initial=0.0) > 1.0 else vol
+    if vol.ndim != 3 or min(vol.shape) == 0 or (mask is not None and np.shape(mask) != vol.shape):
+        raise ValueError(f"need a volume (Z, H, W) and a mask of the same shape, got {vol.shape}, {np.shape(mask)}")
+    boxes = np.asarray(boxes, dtype=float).reshape(-1, 5)
+    labels = np.zeros(vol.shape, np.uint8) if mask is None else np.asarray(mask)
+    dz, dy, dx = (float(s) for s in spacing_mm)
+    z0, y0, x0 = (vol.shape[0] // 2, vol.shape[1] // 2, vol.shape[2] // 2)
+    if len(boxes):
+        z, x, y, w, h = boxes[np.argsort(boxes[:, 0])[len(boxes) // 2]]
+        z0, y0, x0 = int(z), int(min(y + h / 2, vol.shape[1] - 1)), int(min(x + w / 2, vol.shape[2] - 1))
+    views = (  # name, image, labels, aspect, boxes as (left, bottom, width, height) rectangles
+        ("axial", vol[z0], labels[z0], dy / dx, [(b[1], b[2], b[3], b[4]) for b in boxes if int(b[0]) == z0]),
+        (
+            "sagittal",
+            vol[:, :, x0],
+            labels[:, :, x0],
+            dz / dy,
+            [(b[2], b[0] - 0.5, b[4], 1) for b in boxes if b[1] <= x0 <= b[1] + b[3]],
+        ),
+        (
+            "coronal",
+            vol[:, y0, :],
+            labels[:, y0, :],
+            dz / dx,
+            [(b[1], b[0] - 0.5, b[3], 1) for b in boxes if b[2] <= y0 <= b[2] + b[4]],
+        ),
+    )
+    colours = plt.get_cmap("tab10", 10)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    for ax, (name, image, lab, aspect, rects) in zip(axes, views):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        overlay = np.zeros((*lab.shape, 4), np.float32)
+        for v in range(1, 8):
+            overlay[lab == v] = (*colours(v - 1)[:3], 0.35)
+        ax.imshow(overlay, aspect=aspect, interpolation="nearest")
+        for left, bottom, width, height in rects:
+            ax.add_patch(plt.Rectangle((left, bottom), width, height, fill=False, ec="#ff3b30", lw=1.2))
+        where = {"axial": f"slice {z0}", "sagittal": f"column {x0}", "coronal": f"row {y0}"}[name]
+        ax.set_title(f"{name} ({where}; {len(rects)} box{'es' if len(rects) != 1 else ''})", fontsize=9)
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours(v - 1)) for v in range(1, 8) if (labels == v).any()]
+    names = [f"C{v}" for v in range(1, 8) if (labels == v).any()]
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title or "a CT study in three planes (bone window)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig

@@ -21,6 +21,7 @@ def test_course_notebooks_exist():
         "04_vgg_finetuning_tuner",
         "05_evaluation",
         "06_predict_gui",
+        "07_studies_2p5d",
     ], names
 
 
