@@ -4,12 +4,15 @@ A study is one axial series through C1-C7, continuous along z. Subject, scan and
 geometry are drawn once per study (:func:`plan_study`); along z (``depth``, mm below the top of C1)
 the level changes C1 -> C7 with heights as in adults: C1 ring ~10 mm with the dens of C2 behind its
 anterior arch, C2 ~35 mm including the dens, C3-C7 bodies ~14-15 mm, discs ~5 mm, posterior elements
-over the lower 80 % of each body and the disc below, all scaled with the subject and a cervical lordosis.
-Shapes change smoothly (end-plate flare, the spinous process growing inferiorly) and partial volume
-through the slice thickness softens each structure's first and last slice. A fracture is planned once
-per fractured vertebra (:mod:`.phantom`'s break geometry) and spans a z-range inside it, several
-slices, its gap tapering at both ends; the per-slice fracture mask gives the boxes. Anatomy in plane,
-fractures, texture and CT formation are those of :mod:`.phantom`; texture and noise are per slice.
+from 20 % below each body's top over the disc into the next body (they overlap it, as spinous processes
+do), all scaled with the subject, on a cervical lordosis. Shapes change smoothly (end-plate flare, the
+spinous process growing inferiorly, transverse processes widest mid-body); partial volume through the
+slice thickness softens each structure's first and last slice and gives cortical end plates. A
+fracture is planned once per fractured vertebra (:mod:`.phantom`'s break geometry) and spans a z-range
+inside it (several slices), its gap tapering at both ends; the per-slice fracture mask gives the boxes.
+In-plane anatomy, fractures, texture and CT formation are :mod:`.phantom`'s; texture and noise are
+drawn per slice. Not modelled: the occiput and T1, the airway's and mandible's gradual transitions
+(they switch at a level boundary), partial volume of fine in-plane detail across slices.
 
 Written (:func:`write_rsna_dataset`)::
 
@@ -80,12 +83,12 @@ def _layout(rng: np.random.Generator, s: float) -> dict:
     lay = {"C1": {"body": (0.0, ring), "arch": (0.0, ring), "dens": (j(0.5, 1.5), c2_top)}}
     lay["C2"] = {"body": (c2_top, c2_bot)}
     discs = [j(4.5, 5.5) for _ in LEVELS[1:]]  # below C2 ... C7 (the last: C7-T1)
-    lay["C2"]["arch"] = (c2_top + 2.0, c2_bot + discs[0])
+    lay["C2"]["arch"] = (c2_top - 2.0, c2_bot + discs[0] + 3.5)  # with its lateral masses under C1
     top = c2_bot
-    for k, level in enumerate(LEVELS[2:], start=1):  # posterior elements reach over the disc below
+    for k, level in enumerate(LEVELS[2:], start=1):  # posterior elements reach over the disc to the next body
         top += discs[k - 1]
         h = j(13.5, 15.5)
-        lay[level] = {"body": (top, top + h), "arch": (top + 0.2 * h, top + h + discs[k])}
+        lay[level] = {"body": (top, top + h), "arch": (top + 0.2 * h, top + h + discs[k] + 3.5)}
         top += h
     return lay
 
