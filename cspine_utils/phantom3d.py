@@ -51,10 +51,10 @@ VERSION = "1.0"
 MARKER_NAME = "phantom.json"
 LEVELS = ph.LEVELS
 LEVEL_SHARES = np.array([0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.19]) / 0.71  # RSNA 2022 fractures per level
-TYPE_SHARES = {"C1": (0.3, 0.3, 0.4)}  # C1: ring breaks, Jefferson (burst) more often; others below
-DEFAULT_TYPE_SHARES = (0.45, 0.3, 0.25)
+TYPE_SHARES = {"C1": (0.3, 0.3, 0.4), "other": (0.45, 0.3, 0.25)}  # linear, posterior, burst (C1: Jefferson)
 J2K_SHARE = 0.25
 DISC_HU = 85.0
+BOX_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number")
 
 
 # Plan: labels (stream 1) and, independently, subject, scan and geometry (stream 2)
@@ -69,7 +69,7 @@ def plan_labels(n_studies: int, seed: int) -> list[dict[str, str]]:
     for i in range(n_studies):
         k = (1 if rng.random() < 0.7 else 2) if i in fractured else 0
         levels = rng.choice(len(LEVELS), size=k, replace=False, p=LEVEL_SHARES)
-        types = [str(rng.choice(ph.FRACTURE_TYPES, p=TYPE_SHARES.get(LEVELS[j], DEFAULT_TYPE_SHARES))) for j in levels]
+        types = [str(rng.choice(ph.FRACTURE_TYPES, p=TYPE_SHARES.get(LEVELS[j], TYPE_SHARES["other"]))) for j in levels]
         plans.append({LEVELS[j]: t for j, t in zip(sorted(levels), types)})
     return plans
 
@@ -205,7 +205,8 @@ def _spine_fields(study: dict, depth: float, xc, yc, px: float) -> dict:
         if lv != near and min(_slab(depth, r) for r in lay[lv].values()) > thk:
             continue  # no part of this vertebra within a slice thickness
         g = _shape_at(lv, study["geom"][lv], lay[lv], depth)
-        off = 1.0 - _dens_centre(g) if lv == "C1" else 0.0  # the dens stands on C2's body
+        # the dens (centred as phantom._atlas_sdf places it in C1's frame) stands on C2's body
+        off = 1.0 - (g["ring_cy"] - g["ring_b"] + g["ring_t"] / 2 + 1.5 + g["dens_r"]) if lv == "C1" else 0.0
         u, v = ph._rot(xc, yc, 0.0, sub.spine_y_mm + vc + off, study["rot"][lv])
         frac = study["fractures"].get(lv)
         if frac is not None and frac["range"][0] <= depth <= frac["range"][1]:
@@ -244,11 +245,6 @@ def _endplate_share(body: tuple[float, float], depth: float, thk: float, plate_m
     inside = overlap(*body)
     plates = overlap(body[0], body[0] + plate_mm) + overlap(body[1] - plate_mm, body[1])
     return plates / inside if inside > 0 else 0.0
-
-
-def _dens_centre(g: dict) -> float:
-    """Posterior offset (mm) of the dens centre in C1's frame (as :func:`.phantom._atlas_sdf` places it)."""
-    return g["ring_cy"] - g["ring_b"] + g["ring_t"] / 2 + 1.5 + g["dens_r"]
 
 
 def _fracture_at(u, v, g: dict, frac: dict, depth: float, thk: float, px: float):
@@ -339,26 +335,18 @@ def render_study(study: dict) -> dict:
 
 
 # Files: DICOM series, NIfTI mask, labels
-def slice_numbers(study: dict) -> np.ndarray:
-    """File name / InstanceNumber of each slice (superior -> inferior order); some studies count upwards."""
-    z = len(study["depths"])
-    return np.arange(z, 0, -1) if study["scan"]["ascending"] else np.arange(1, z + 1)
-
-
 def geometry(study: dict) -> dict:
-    """DICOM geometry: ``x0, y0`` (mm, LPS, centre of the top-left pixel), ``z`` per slice, pixel and slice mm."""
-    sub = study["subject"]
+    """DICOM geometry of a study, slices superior -> inferior: ``x0, y0`` (mm, LPS, centre of the top-left
+    pixel), ``z`` per slice, ``pixel_mm``, ``numbers`` (file name / InstanceNumber: some studies count
+    upwards) and the RAS ``affine`` of the stored mask ``nii[c, H-1-r, Z-1-s]`` (see the module doc)."""
+    sub, z_n = study["subject"], len(study["depths"])
     px = sub.fov_mm / sub.matrix
     x0 = y0 = -(sub.matrix - 1) / 2 * px
     z = study["scan"]["z_top"] - (study["depths"] - study["depths"][0])
-    return {"x0": x0, "y0": y0, "z": z, "pixel_mm": px, "slice_mm": study["slice_mm"], "n": sub.matrix}
-
-
-def nifti_affine(geo: dict) -> np.ndarray:
-    """RAS affine of the stored mask ``nii[c, H-1-r, Z-1-s]`` (s superior -> inferior): see the module doc."""
-    px, n = geo["pixel_mm"], geo["n"]
-    rows = [[-px, 0, 0, -geo["x0"]], [0, px, 0, -(geo["y0"] + (n - 1) * px)], [0, 0, geo["slice_mm"], geo["z"][-1]]]
-    return np.array([*rows, [0, 0, 0, 1]], dtype=float)
+    rows = [[-px, 0, 0, -x0], [0, px, 0, -(y0 + (sub.matrix - 1) * px)], [0, 0, study["slice_mm"], z[-1]]]
+    numbers = np.arange(z_n, 0, -1) if study["scan"]["ascending"] else np.arange(1, z_n + 1)
+    affine = np.array([*rows, [0, 0, 0, 1]], dtype=float)
+    return {"x0": x0, "y0": y0, "z": z, "pixel_mm": px, "numbers": numbers, "affine": affine}
 
 
 def _dicom_slice(study: dict, geo: dict, s: int, number: int, hu: np.ndarray):
@@ -395,13 +383,14 @@ def write_study(root: Path, study: dict) -> tuple[dict, list[dict]]:
     boxes (one per fractured slice: pixel bbox of the fracture mask)."""
     import nibabel as nib  # noqa: PLC0415
 
-    vol, geo, numbers = render_study(study), geometry(study), slice_numbers(study)
+    vol, geo = render_study(study), geometry(study)
+    numbers = geo["numbers"]
     folder = root / "train_images" / study["uid"]
     folder.mkdir(parents=True)
     for s, number in enumerate(numbers):
         _dicom_slice(study, geo, s, number, vol["hu"][s]).save_as(folder / f"{number}.dcm", enforce_file_format=True)
     nii = np.ascontiguousarray(vol["seg"].transpose(2, 1, 0)[:, ::-1, ::-1])
-    img = nib.Nifti1Image(nii, nifti_affine(geo))
+    img = nib.Nifti1Image(nii, geo["affine"])
     img.header.set_xyzt_units("mm")
     nib.save(img, root / "segmentations" / f"{study['uid']}.nii")
     row = {"StudyInstanceUID": study["uid"], "patient_overall": int(bool(study["fractures"]))}
@@ -409,15 +398,8 @@ def write_study(root: Path, study: dict) -> tuple[dict, list[dict]]:
     boxes = []
     for s in np.where(vol["mask"].any(axis=(1, 2)))[0]:
         r, c = np.where(vol["mask"][s])
-        box = {"x": float(c.min()), "y": float(r.min()), "width": float(c.max() - c.min() + 1)}
-        boxes.append(
-            {
-                "StudyInstanceUID": study["uid"],
-                **box,
-                "height": float(r.max() - r.min() + 1),
-                "slice_number": int(numbers[s]),
-            }
-        )
+        x, y, w, h = float(c.min()), float(r.min()), float(np.ptp(c) + 1), float(np.ptp(r) + 1)
+        boxes.append(dict(zip(BOX_COLUMNS, (study["uid"], x, y, w, h, int(numbers[s])))))
     return row, boxes
 
 
@@ -523,8 +505,9 @@ def _write_all(tmp: Path, plans: list[dict], params: dict, workers: int | None, 
     else:
         results = list(tqdm(map(_write_one, jobs), **bar))
     pd.DataFrame([r[0] for r in results]).to_csv(tmp / "train.csv", index=False)
-    cols = ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
-    pd.DataFrame([b for r in results for b in r[1]], columns=cols).to_csv(tmp / "train_bounding_boxes.csv", index=False)
+    pd.DataFrame([b for r in results for b in r[1]], columns=list(BOX_COLUMNS)).to_csv(
+        tmp / "train_bounding_boxes.csv", index=False
+    )
     info = marker(**params) | {"studies": len(plans), "fractured": sum(bool(f) for f in plans)}
     info |= {"slices": sum(r[2] for r in results), "boxes": sum(len(r[1]) for r in results)}
     info["j2k_studies"] = sum(r[3] for r in results)
