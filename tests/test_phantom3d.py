@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from cspine_utils import cli, phantom3d
+from cspine_utils import series as ct_series
 
 LEVELS = phantom3d.LEVELS
 SMALL = {"seed": 6, "matrix": 64, "slice_mm": 5.0, "workers": 2, "progress": False}  # 4 studies: 1 in J2K
@@ -112,6 +113,9 @@ def test_masks_sit_on_bone_and_labels_match(small_set):
         assert np.median(hu[seg > 0]) > 250 > np.median(hu[(seg == 0) & (hu > -500)])
         levels_by_slice = [np.median(seg[s][seg[s] > 0]) for s in range(len(seg)) if (seg[s] > 0).any()]
         assert np.all(np.diff(levels_by_slice) >= 0), "C1 -> C7 from superior to inferior"
+        study = ct_series.read_study(out / "train_images" / uid)  # the course's reader agrees
+        assert np.array_equal(ct_series.read_segmentation(out / "segmentations" / f"{uid}.nii", study), seg)
+        assert np.allclose(study.hu[hu > -2000], hu[hu > -2000]), "same HU (the reader turns padding into air)"
         naive = np.asarray(nib.load(out / "segmentations" / f"{uid}.nii").dataobj).transpose(2, 1, 0)
         assert not np.array_equal(naive, seg), "stored in another orientation than the slices"
         numbers, hit_levels = [int(ds.InstanceNumber) for ds in series], set()
