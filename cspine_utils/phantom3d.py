@@ -418,16 +418,19 @@ def marker(n_studies: int, seed: int, matrix: int, slice_mm: float, difficulty: 
     return {"generator": GENERATOR, "version": VERSION, "fingerprint": fingerprint(), "params": params}
 
 
+def _stored_marker(out: Path) -> dict:
+    """The ``phantom.json`` of a study set made by this generator in ``out``, else ``{}``."""
+    try:
+        stored = read_json(out / MARKER_NAME)
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) and stored.get("generator") == GENERATOR else {}
+
+
 def is_up_to_date(out: str | os.PathLike, **params) -> bool:
     """True when ``out`` holds a study set made by this generator code with these parameters."""
-    try:
-        stored = read_json(Path(out) / MARKER_NAME)
-    except (OSError, ValueError):
-        return False
-    want = marker(**params)
-    return isinstance(stored, dict) and all(
-        stored.get(k) == want[k] for k in ("generator", "version", "fingerprint", "params")
-    )
+    stored, want = _stored_marker(Path(out)), marker(**params)
+    return bool(stored) and all(stored.get(k) == want[k] for k in ("version", "fingerprint", "params"))
 
 
 def _write_one(args) -> tuple[dict, list[dict], int, bool]:
@@ -465,12 +468,13 @@ def write_rsna_dataset(
     out = Path(out).expanduser().resolve()
     if not force and is_up_to_date(out, **params):
         return read_json(out / MARKER_NAME)
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_NAME).is_file():
-        raise FileExistsError(
-            f"output folder {out} is not empty and holds no {MARKER_NAME}; choose an empty or new folder"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not _stored_marker(out)):
+        raise FileExistsError(f"{out} is a file or a folder without our {MARKER_NAME}; choose an empty or new folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise PermissionError(f"cannot write the studies under {out.parent}: {exc.strerror or exc}") from exc
     try:
         info = _write_all(tmp, plans, params, workers, progress)
         if out.exists():

@@ -178,7 +178,9 @@ def test_cli_round_trip_reuse_and_refusal(tmp_path, capsys):
     user.mkdir()
     (user / "scan.dcm").write_text("x")
     assert cli.main([*args[:-5], "--out", str(user), "--quiet"]) == 1
-    assert "not empty" in capsys.readouterr().err and (user / "scan.dcm").read_text() == "x"
+    assert "without our phantom.json" in capsys.readouterr().err and (user / "scan.dcm").read_text() == "x"
+    assert cli.main([*args[:-5], "--out", str(user / "scan.dcm" / "set"), "--quiet"]) == 1
+    assert "cannot write the studies" in capsys.readouterr().err
     assert cli.main([*args[:4], "--studies", "0", "--out", str(tmp_path / "z"), "--quiet"]) == 1
     assert "positive number of studies" in capsys.readouterr().err
     assert cli.main([*args[:6], "--matrix", "32", "--out", str(tmp_path / "z"), "--quiet"]) == 1
