@@ -135,3 +135,21 @@ def test_slice_head_trains_under_a_mirrored_strategy_on_two_logical_cpus():
     assert len(result["devices"]) == 2 and all("CPU" in d for d in result["devices"])
     assert len(result["loss"]) == 2 and all(np.isfinite(result["loss"]))
     assert all(0.0 <= p <= 1.0 for p in result["p"])
+
+
+def test_study_views_draws_three_planes_with_the_boxes_they_cross():
+    from cspine_utils import plots
+
+    volume = np.zeros((10, 32, 32), np.uint8)
+    mask = np.zeros_like(volume)
+    mask[1:5, 10:20, 12:22], mask[5:9, 10:20, 12:22] = 1, 2  # C1 above C2
+    boxes = [(3, 12, 11, 6, 5), (4, 12, 11, 6, 5), (8, 0, 0, 3, 3)]  # z, x, y, width, height
+    fig = plots.study_views(volume, mask, boxes, spacing_mm=(3.0, 1.0, 1.0))
+    axial, sagittal, coronal = fig.axes[:3]
+    # the planes cross at the middle box (slice 4, centre x 15, y 13): one box on that axial slice, the two
+    # stacked boxes on the sagittal and coronal planes; the box in the corner is crossed by neither plane
+    assert [len(ax.patches) for ax in (axial, sagittal, coronal)] == [1, 2, 2]
+    assert axial.get_title().startswith("axial (slice 4") and sagittal.images[0].get_array().shape == (10, 32)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["C1", "C2"]
+    with pytest.raises(ValueError, match="same shape"):
+        plots.study_views(volume, mask[:5])
