@@ -37,6 +37,11 @@ KEY_FIGURES = (
     ("05_gradcam_true_positives", "The heatmap chosen on validation, on true positives (fracture mask outlined)"),
     ("05_error_gallery", "Errors: false negatives first"),
     ("gui", "The upload-and-predict app (Voilà, real browser)"),
+    ("07_study_views", "A CT study as a volume: axial, coronal and sagittal planes, fracture boxes and vertebra masks"),
+    (
+        "07_slice_scores",
+        "Slice scores along test studies (fracture-box slices in red): what max, top-k and the GRU aggregate",
+    ),
 )
 TITLE = "Cervical spine fracture detection on CT — the rendered course"
 NOTE = "Teaching project, not a medical device."
@@ -289,6 +294,7 @@ def _collect_facts(report: Path, notebooks: list[Path], profile: str, data_dir: 
         "audit": {k: audit[k] for k in audit_keys if k in audit},
         "bundles": _bundle_facts(art),
         "metrics": _read_optional(art / "metrics" / "combined.json") or None,
+        "studies": _read_optional(art / "studies" / "metrics.json") or None,
         "versions": {k: v for k, v in versions.items() if v is not None},
     }
 
@@ -387,6 +393,35 @@ def _calibration_and_localisation(metrics: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
+def _studies_markdown(facts: dict) -> list[str]:
+    """Notebook 07's study-level table (RSNA 2022 format) and whether its targets were met."""
+    studies = facts.get("studies") or {}
+    records, targets = studies.get("table") or [], studies.get("targets") or {}
+    if not records:
+        return []
+    n = studies.get("n_studies") or {}
+    lines = [
+        "## Study-level results (notebook 07, RSNA 2022 format; CIs by study bootstrap)",
+        "",
+        f"{n.get('test', '?')} test studies ({n.get('test_fractured', '?')} fractured) of {n.get('labelled', '?')}; "
+        f"slice input: {studies.get('channel_mode')}; VGG16: {studies.get('weights')}; {studies.get('strategy')}.",
+        "",
+        _row(records[0]),
+        "|" + "---|" * len(records[0]),
+    ]
+    lines += [_row(str(r.get(c, "")) for c in records[0]) for r in records] + [""]
+    ci = lambda e: f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"  # noqa: E731
+    if {"study_auc", "minus_baseline"} <= set(targets):
+        met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+        lines += [
+            f"Targets ({targets.get('aggregation')}, chosen on validation): study AUC {ci(targets['study_auc'])} "
+            f"(≥ 0.95: {met(targets.get('study_auc_met'))}); weighted log loss minus the prevalence-only baseline "
+            f"{ci(targets['minus_baseline'])} (CI below 0: {met(targets.get('log_loss_met'))}).",
+            "",
+        ]
+    return lines
+
+
 def _row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -401,7 +436,7 @@ def _markdown(facts: dict, figures: list[tuple[str, str]]) -> str:
     for nb in facts["notebooks"]:
         secs = "not run" if nb["seconds"] is None else f"{nb['seconds']:.0f} s"
         lines.append(_row([f"[{nb['name']}]({nb['html']})", secs]))
-    lines += ["", f"Total: {facts['total_seconds']:.0f} s", ""] + _metrics_markdown(facts)
+    lines += ["", f"Total: {facts['total_seconds']:.0f} s", ""] + _metrics_markdown(facts) + _studies_markdown(facts)
     if facts["bundles"]:
         lines += ["## Models and weights", ""]
         for name, b in facts["bundles"].items():
