@@ -258,7 +258,7 @@ def _add_data_parsers(sub) -> None:
     pp.add_argument("--out", required=True, metavar="CACHE", help="cache folder (new, or one to resume)")
     pp.add_argument("--profile", default=None, help="profile whose cache sizes are the defaults (smoke | cpu | gpu)")
     pp.add_argument("--size", type=positive_int, default=None, help="pixels of a cached slice side")
-    pp.add_argument("--crop-mm", type=float, default=None, help="central in-plane square kept, mm")
+    pp.add_argument("--crop-mm", type=float, default=None, help="side of the in-plane square kept around the spine, mm")
     pp.add_argument("--spacing-mm", type=float, default=None, help="slice spacing of the cache, mm")
     pp.add_argument("--workers", type=positive_int, default=None, help="processes (default: min(cores, 4))")
     pp.add_argument("--shard", type=shard_arg, default=(1, 1), help="i/n: this job's share of the studies")

@@ -308,8 +308,27 @@ def resample_z(volume: np.ndarray, z_mm: np.ndarray, spacing_mm: float, nearest:
     return (volume[lo] * (1 - w) + volume[hi] * w).astype(volume.dtype), z_new.astype(np.float32)
 
 
-def crop_resize(volume: np.ndarray, spacing_yx: tuple[float, float], crop_mm: float, size: int, nearest=False):
-    """Central ``crop_mm`` square of (Z, H, W) slices (padded with air/0 beyond the image) resized to ``size``.
+def spine_center(hu: np.ndarray, bone_hu: float = 300.0) -> tuple[float, float]:
+    """(row, col) of the spine in (Z, H, W) HU slices: the median over slices of the centroid of each
+    slice's largest bone region (> ``bone_hu``), robust to the mandible or shoulders on some slices;
+    the image centre when no slice has bone."""
+    from scipy import ndimage  # noqa: PLC0415
+
+    centres = []
+    for image in hu[:: max(1, len(hu) // 32)]:  # at most ~32 slices: the spine moves little along z
+        labels, n = ndimage.label(image > bone_hu)
+        if n:
+            largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+            centres.append(ndimage.center_of_mass(labels == largest))
+    if not centres:
+        return (hu.shape[1] - 1) / 2, (hu.shape[2] - 1) / 2
+    row, col = np.median(np.asarray(centres), axis=0)
+    return float(row), float(col)
+
+
+def crop_resize(volume: np.ndarray, spacing_yx, crop_mm: float, size: int, nearest=False, center=None):
+    """A ``crop_mm`` square of (Z, H, W) slices around ``center`` (row, col; default the image centre),
+    padded with air/0 beyond the image, resized to ``size``.
 
     Linear with anti-aliasing for images, nearest for labels. Returns ``(volume (Z, size, size),
     (row0, col0, pixels_per_cache_pixel_y, _x))`` to map source pixels to cache pixels.
@@ -318,11 +337,14 @@ def crop_resize(volume: np.ndarray, spacing_yx: tuple[float, float], crop_mm: fl
 
     n, rows, cols = volume.shape
     side = [max(1, round(crop_mm / s)) for s in spacing_yx]
-    r0, c0 = (rows - side[0]) // 2, (cols - side[1]) // 2
+    cy, cx = ((rows - 1) / 2, (cols - 1) / 2) if center is None else center
+    r0, c0 = int(round(cy - (side[0] - 1) / 2)), int(round(cx - (side[1] - 1) / 2))
     fill = 0 if nearest else dicom.AIR_HU
     crop = np.full((n, *side), fill, dtype=volume.dtype)
-    src_r, src_c = slice(max(r0, 0), min(r0 + side[0], rows)), slice(max(c0, 0), min(c0 + side[1], cols))
-    crop[:, src_r.start - r0 : src_r.stop - r0, src_c.start - c0 : src_c.stop - c0] = volume[:, src_r, src_c]
+    src_r = slice(min(max(r0, 0), rows), max(min(r0 + side[0], rows), 0))
+    src_c = slice(min(max(c0, 0), cols), max(min(c0 + side[1], cols), 0))
+    if src_r.stop > src_r.start and src_c.stop > src_c.start:
+        crop[:, src_r.start - r0 : src_r.stop - r0, src_c.start - c0 : src_c.stop - c0] = volume[:, src_r, src_c]
     out = resize(
         crop, (n, size, size), order=0 if nearest else 1, anti_aliasing=not nearest, preserve_range=True
     ).astype(volume.dtype)
@@ -357,12 +379,14 @@ def _cache_arrays(study: Study, mask: np.ndarray | None, task: dict) -> dict:
     s = task["settings"]
     size, spacing, yx = s["size"], s["spacing_mm"], study.spacing_mm[1:]
     hu, z_new = resample_z(study.hu, study.z_mm, spacing)
-    hu, geometry = crop_resize(hu, yx, s["crop_mm"], size)
+    center = spine_center(hu)  # the crop follows the spine, wherever the patient lies in the field
+    hu, geometry = crop_resize(hu, yx, s["crop_mm"], size, center=center)
     vertebrae, cache_mask = np.zeros((len(z_new), 7), dtype=np.uint8), np.zeros((0, size, size), dtype=np.uint8)
     if mask is not None:
         present = np.stack([(mask == v).any(axis=(1, 2)) for v in range(1, 8)], axis=1).astype(np.uint8)
         vertebrae = resample_z(present, study.z_mm, spacing, nearest=True)[0]
-        cache_mask = crop_resize(resample_z(mask, study.z_mm, spacing, True)[0], yx, s["crop_mm"], size, True)[0]
+        labels = resample_z(mask, study.z_mm, spacing, True)[0]
+        cache_mask = crop_resize(labels, yx, s["crop_mm"], size, True, center=center)[0]
     source_boxes = np.asarray(task["boxes"], dtype=np.float64).reshape(-1, 5)
     boxes, box_slices = _box_arrays(study, source_boxes, z_new, geometry, spacing)
     return {
@@ -405,7 +429,8 @@ def _settings(size: int, crop_mm: float, spacing_mm: float, windows) -> dict:
     if int(size) < 4 or crop_mm <= 0 or spacing_mm <= 0:
         raise ValueError(f"need size >= 4, crop_mm > 0 and spacing_mm > 0; got {size}, {crop_mm}, {spacing_mm}")
     wl = {n: list(dicom.WINDOWS[n]) for n in names}
-    return {"size": int(size), "crop_mm": float(crop_mm), "spacing_mm": float(spacing_mm), "windows": wl}
+    square = {"size": int(size), "crop_mm": float(crop_mm), "crop_center": "spine", "spacing_mm": float(spacing_mm)}
+    return square | {"windows": wl}
 
 
 def _open_cache(out: Path, settings: dict) -> None:
