@@ -296,8 +296,10 @@ def fit_slice_head(strategy, train, val, epochs, class_weight=None, learning_rat
 def aggregate_slices(scores, presence, how="max", k=3):
     """Scores (8,) [study, C1..C7] of one study from its slice scores (Z,) and vertebra presence (Z, 7) 0/1.
 
-    how="max": the highest slice score; "topk": the mean of the k highest. The study pools all slices,
-    vertebra v the slices where presence[:, v] is 1; a vertebra on no slice gets the study's score.
+    how="max": the highest slice score; "topk": the mean of the k highest. Vertebra v pools the slices where
+    presence[:, v] is 1; the study pools the slices that show any of C1..C7 (all slices when presence is all 0,
+    i.e. no mask): a slice above C1 or below C7 cannot hold a cervical fracture. A vertebra on no slice gets
+    the study's score.
     """
     s, present = np.asarray(scores, dtype=float).ravel(), np.asarray(presence).astype(bool)
     if s.size == 0 or present.shape != (s.size, 7) or how not in ("max", "topk") or int(k) < 1:
@@ -308,7 +310,8 @@ def aggregate_slices(scores, presence, how="max", k=3):
     def pool(values):
         return float(values.max()) if how == "max" else float(np.sort(values)[-int(k) :].mean())
 
-    study = pool(s)
+    spine = present.any(axis=1)
+    study = pool(s[spine] if spine.any() else s)
     return np.array([study] + [pool(s[present[:, v]]) if present[:, v].any() else study for v in range(7)])
 
 

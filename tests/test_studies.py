@@ -81,6 +81,17 @@ def test_aggregate_slices_max_topk_and_missing_vertebrae():
         course.aggregate_slices(scores, presence[:, :6], "max")
 
 
+def test_the_study_pools_only_slices_that_show_a_cervical_vertebra():
+    scores = np.array([9.0, 1.0, 2.0, 8.0])  # slice 0 above C1, slice 3 below C7: outside the cervical spine
+    presence = np.zeros((4, 7), dtype=int)
+    presence[1:3, 4] = 1  # C5 on slices 1-2
+    np.testing.assert_allclose(
+        course.aggregate_slices(scores, presence, "max")[:2], [2.0, 2.0]
+    )  # study: max of slices 1-2; C1 (absent) gets the study score
+    without_mask = course.aggregate_slices(scores, np.zeros((4, 7), dtype=int), "max")
+    np.testing.assert_allclose(without_mask, [9.0] * 8)  # no mask: every slice counts, every vertebra = study
+
+
 def test_make_strategy_chooses_by_the_gpus_present():
     import tensorflow as tf
 
