@@ -18,11 +18,25 @@ import json
 
 import nbformat
 import numpy as np
+import pandas as pd
 import papermill
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cspine_utils import config, data, evaluate, explain, modelbundle, phantom, pipeline, records, report
+from cspine_utils import (
+    config,
+    data,
+    evaluate,
+    explain,
+    modelbundle,
+    phantom,
+    phantom3d,
+    pipeline,
+    records,
+    report,
+    series,
+)
+from cspine_utils import course as lessons
 
 NOTEBOOKS = config.repo_root() / "notebooks"
 COURSE = [p.stem for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))]
@@ -34,8 +48,11 @@ def course(tmp_path_factory):
     """`cspine run --profile smoke` in a temporary folder; returns (root, report dir, printed lines)."""
     root = tmp_path_factory.mktemp("course")
     dataset = root / "data"
-    phantom.generate_dataset(
-        dataset, phantom.SynthConfig(n=config.get_profile("smoke").n_synthetic, seed=0), workers=2, progress=False
+    prof = config.get_profile("smoke")
+    phantom.generate_dataset(dataset, phantom.SynthConfig(n=prof.n_synthetic, seed=0), workers=2, progress=False)
+    studies = root / "studies"  # notebook 07's CT studies in the RSNA layout
+    phantom3d.write_rsna_dataset(
+        studies, prof.n_studies, seed=0, matrix=prof.study_matrix, slice_mm=prof.study_slice_mm, progress=False
     )
     mp = pytest.MonkeyPatch()
     for key, value in {
@@ -46,7 +63,7 @@ def course(tmp_path_factory):
         mp.setenv(key, value)
     lines: list[str] = []
     try:
-        runs = report.run_course("smoke", dataset, log=lines.append)
+        runs = report.run_course("smoke", dataset, studies_dir=studies, log=lines.append)
         yield root, root / "report", runs, lines
     finally:
         mp.undo()
@@ -152,6 +169,26 @@ def test_metrics_count_the_test_split_and_the_saved_bundle_reproduces_them(cours
             "fn": int(np.sum(~called & (y_test == 1))),
         }
         assert {k: point[k] for k in counts} == counts, f"{model} {name}"
+
+
+@pytest.mark.slow
+def test_study_level_results_count_the_test_studies_and_recompute_from_the_predictions(course):
+    """Notebook 07: the report's study-level figures follow from the saved test predictions."""
+    root, rep, *_ = course
+    out = root / "artifacts" / "studies"
+    metrics = records.read_json(out / "metrics.json")
+    predictions = pd.read_csv(out / "predictions.csv")
+    cache = series.load_manifest(root / "artifacts" / "studies_cache")
+    assert metrics["n_studies"]["test"] == len(predictions) > 0
+    assert set(predictions["StudyInstanceUID"]) <= set(cache["StudyInstanceUID"])
+    assert metrics["n_studies"]["labelled"] == len(cache) == config.get_profile("smoke").n_studies
+    y = predictions[list(series.LABEL_COLUMNS)].to_numpy()
+    chosen = metrics["targets"]["aggregation"]
+    p = predictions[[f"{chosen}_{c}" for c in series.LABEL_COLUMNS]].to_numpy()
+    assert metrics["targets"]["weighted_log_loss"]["value"] == pytest.approx(lessons.weighted_log_loss(y, p))
+    assert metrics["targets"]["study_auc"]["value"] == pytest.approx(evaluate.roc_auc(y[:, 0], p[:, 0]), nan_ok=True)
+    assert [row["aggregation"] for row in metrics["table"]][-1] == "prevalence only (baseline)"
+    assert "Study-level results" in (rep / "README.md").read_text()
 
 
 @pytest.mark.slow
