@@ -241,3 +241,25 @@ def test_calibration_and_heatmap_lines_come_from_notebook_05s_record():
         "",
     ]
     assert report._calibration_and_localisation({}) == []
+
+
+def test_study_level_section_shows_notebook_07s_table_and_says_whether_targets_were_met():
+    ci = lambda v, lo, hi: {"value": v, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    rows = [
+        {"aggregation": "max", "study AUC [95% CI]": "0.610 [0.323, 0.860]"},
+        {"aggregation": "prevalence only (baseline)", "study AUC [95% CI]": "–"},
+    ]
+    targets = {
+        "aggregation": "max",
+        "study_auc": ci(0.61, 0.323, 0.86),
+        "minus_baseline": ci(-0.05, -0.09, -0.01),
+        "study_auc_met": False,
+        "log_loss_met": True,
+    }
+    studies = {"table": rows, "targets": targets, "n_studies": {"test": 20, "test_fractured": 10, "labelled": 80}}
+    text = "\n".join(report._studies_markdown({"studies": studies}))
+    assert "| max | 0.610 [0.323, 0.860] |" in text and "| prevalence only (baseline) | – |" in text
+    assert "20 test studies (10 fractured) of 80" in text
+    assert "study AUC 0.610 [0.323, 0.860] (≥ 0.95: **not met**)" in text
+    assert "-0.050 [-0.090, -0.010] (CI below 0: met)" in text
+    assert report._studies_markdown({}) == [] and report._studies_markdown({"studies": {"table": []}}) == []
