@@ -41,7 +41,7 @@ class Profile:
     study_matrix: int  # in-plane pixels of the synthetic DICOM slices
     study_slice_mm: float  # slice spacing (= thickness) of the synthetic series, mm
     cache_size: int  # in-plane pixels of a prepared (cached) slice = the 2.5D model's input side
-    cache_crop_mm: float  # side of the central square kept in-plane before resizing, mm
+    cache_crop_mm: float  # side of the in-plane square kept around the spine before resizing, mm
     cache_spacing_mm: float  # slice spacing the cache is resampled to, mm
     epochs_slice: int  # 2.5D slice model: epochs of the head on the frozen VGG16 base
     epochs_sequence: int  # GRU over a study's slice features
