@@ -102,6 +102,17 @@ def test_crop_resize_pads_with_air_beyond_a_small_image():
     assert out[0, 0, 0] == pytest.approx(dicom.AIR_HU) and out[0, 4, 4] == pytest.approx(100.0)
 
 
+def test_the_crop_follows_the_spine_not_the_image_centre():
+    vol = np.full((6, 100, 100), -1000.0, dtype=np.float32)
+    vol[:, 60:70, 20:30] = 1000.0  # the "spine": the largest bone region, off-centre
+    vol[:2, 5:8, 90:93] = 1000.0  # a smaller bone (a mandible, a shoulder) on two slices only
+    row, col = series.spine_center(vol)
+    assert (row, col) == pytest.approx((64.5, 24.5))
+    out, (r0, c0, _, _) = series.crop_resize(vol, (1.0, 1.0), 20.0, 20, center=(row, col))
+    assert (r0, c0) == (55, 15) and out[0, 5:15, 5:15].min() == pytest.approx(1000.0)
+    assert series.spine_center(np.full((3, 8, 8), -1000.0)) == (3.5, 3.5)  # no bone: the image centre
+
+
 @pytest.mark.parametrize("bad", ["0/2", "3/2", "2", "a/b"])
 def test_cli_prepare_bad_shard_is_a_usage_error(bad, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
