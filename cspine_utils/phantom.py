@@ -24,8 +24,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,13 +31,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .records import read_json, sha256_file, write_json
+from .records import read_json, replace_folder, sha256_file, write_json
 
 GENERATOR_VERSION = "1.0"
 LEVELS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 FRACTURE_TYPES = ("linear", "posterior", "burst")
 MANIFEST_NAME = "manifest.csv"
 MARKER_NAME = "dataset.json"
+GENERATOR = "cspine_utils.phantom"  # names this generator in MARKER_NAME
 # Tissue labels of the label map returned with the true HU image.
 _TISSUES = "outside air skin fat muscle vessel thyroid airway csf cord cancellous cortical table haematoma cartilage"
 TISSUE = {name: label for label, name in enumerate(_TISSUES.split())}
@@ -719,27 +718,30 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _stored_marker(out: Path) -> dict | None:
-    """The ``dataset.json`` of a dataset made by this generator in ``out``, else ``None``."""
+def stored_marker(marker_file: Path, generator: str) -> dict | None:
+    """The JSON record ``marker_file`` when ``generator`` wrote it (a generated dataset of ours), else ``None``."""
     try:
-        stored = read_json(out / MARKER_NAME)
+        stored = read_json(marker_file)
     except (OSError, ValueError):
         return None
-    return stored if isinstance(stored, dict) and stored.get("generator") == "cspine_utils.phantom" else None
+    return stored if isinstance(stored, dict) and stored.get("generator") == generator else None
+
+
+def marker_is_current(marker_file: Path, want: dict) -> bool:
+    """True when ``marker_file`` records the same generator, version, code fingerprint and parameters as ``want``."""
+    stored = stored_marker(marker_file, want["generator"])
+    return stored is not None and all(stored.get(k) == want[k] for k in ("version", "fingerprint", "params"))
 
 
 def dataset_marker(cfg: SynthConfig) -> dict:
     """What identifies a generated dataset: generator, version, source hash and parameters."""
-    marker = {"generator": "cspine_utils.phantom", "version": GENERATOR_VERSION}
+    marker = {"generator": GENERATOR, "version": GENERATOR_VERSION}
     return marker | {"fingerprint": generator_fingerprint(), "params": asdict(cfg)}
 
 
 def is_up_to_date(out: str | os.PathLike, cfg: SynthConfig) -> bool:
     """True when ``out`` holds a dataset made by this generator code with these parameters."""
-    stored, want = _stored_marker(Path(out)), dataset_marker(cfg)
-    if stored is None or not (Path(out) / MANIFEST_NAME).is_file():
-        return False
-    return all(stored.get(k) == want[k] for k in ("version", "fingerprint", "params"))
+    return (Path(out) / MANIFEST_NAME).is_file() and marker_is_current(Path(out) / MARKER_NAME, dataset_marker(cfg))
 
 
 def generate_dataset(
@@ -758,29 +760,12 @@ def generate_dataset(
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and _stored_marker(out) is None:
+    if out.is_dir() and any(out.iterdir()) and stored_marker(out / MARKER_NAME, GENERATOR) is None:
         msg = f"output folder {out} is not empty and is not a synthetic dataset made by cspine (no {MARKER_NAME})"
         raise FileExistsError(msg + "; refusing to overwrite it. Choose an empty or new folder.")
     if not force and is_up_to_date(out, cfg):
         return pd.read_csv(out / MANIFEST_NAME, keep_default_na=False)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise PermissionError(f"cannot write the dataset under {out.parent}: {exc.strerror or exc}") from exc
-    try:
-        manifest = _write_dataset(tmp, cfg, workers, progress)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+    return replace_folder(out, lambda tmp: _write_dataset(tmp, cfg, workers, progress), "dataset")
 
 
 def _write_dataset(tmp: Path, cfg: SynthConfig, workers: int | None, progress: bool):

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import phantom as ph
-from .records import read_json, write_json
+from .records import read_json, replace_folder, write_json
 
 GENERATOR = "cspine_utils.phantom3d"
 VERSION = "1.0"
@@ -418,19 +416,9 @@ def marker(n_studies: int, seed: int, matrix: int, slice_mm: float, difficulty: 
     return {"generator": GENERATOR, "version": VERSION, "fingerprint": fingerprint(), "params": params}
 
 
-def _stored_marker(out: Path) -> dict:
-    """The ``phantom.json`` of a study set made by this generator in ``out``, else ``{}``."""
-    try:
-        stored = read_json(out / MARKER_NAME)
-    except (OSError, ValueError):
-        return {}
-    return stored if isinstance(stored, dict) and stored.get("generator") == GENERATOR else {}
-
-
 def is_up_to_date(out: str | os.PathLike, **params) -> bool:
     """True when ``out`` holds a study set made by this generator code with these parameters."""
-    stored, want = _stored_marker(Path(out)), marker(**params)
-    return bool(stored) and all(stored.get(k) == want[k] for k in ("version", "fingerprint", "params"))
+    return ph.marker_is_current(Path(out) / MARKER_NAME, marker(**params))
 
 
 def _write_one(args) -> tuple[dict, list[dict], int, bool]:
@@ -468,26 +456,9 @@ def write_rsna_dataset(
     out = Path(out).expanduser().resolve()
     if not force and is_up_to_date(out, **params):
         return read_json(out / MARKER_NAME)
-    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not _stored_marker(out)):
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not ph.stored_marker(out / MARKER_NAME, GENERATOR)):
         raise FileExistsError(f"{out} is a file or a folder without our {MARKER_NAME}; choose an empty or new folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise PermissionError(f"cannot write the studies under {out.parent}: {exc.strerror or exc}") from exc
-    try:
-        info = _write_all(tmp, plans, params, workers, progress)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
+    return replace_folder(out, lambda tmp: _write_all(tmp, plans, params, workers, progress), "studies")
 
 
 def _write_all(tmp: Path, plans: list[dict], params: dict, workers: int | None, progress: bool) -> dict:

@@ -13,14 +13,25 @@ import json
 import math
 import os
 import platform
-from collections.abc import Iterable, Mapping
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["jsonable", "write_json", "read_json", "sha256_file", "sha256_text", "package_versions", "shown_path"]
+__all__ = [
+    "jsonable",
+    "write_json",
+    "read_json",
+    "replace_folder",
+    "sha256_file",
+    "sha256_text",
+    "package_versions",
+    "shown_path",
+]
 
 #: The packages whose versions a record names by default.
 COURSE_PACKAGES = ("tensorflow", "keras", "keras-tuner", "numpy", "pandas", "scikit-learn", "cspine-utils")
@@ -62,6 +73,33 @@ def write_json(path: str | os.PathLike, record: Any, *, sort_keys: bool = False)
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def replace_folder(out: Path, write: Callable[[Path], Any], what: str) -> Any:
+    """``write(tmp)`` into a new temporary folder beside ``out``, then put it in ``out``'s place; its result.
+
+    A previous ``out`` is replaced only once ``write`` has finished; if anything fails the temporary
+    folder is removed and ``out`` is as it was, so an interrupted run never leaves half a dataset.
+    ``what`` names the product in the error raised when ``out``'s parent cannot be written.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise PermissionError(f"cannot write the {what} under {out.parent}: {exc.strerror or exc}") from exc
+    try:
+        result = write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
 
 
 def read_json(path: str | os.PathLike) -> Any:
