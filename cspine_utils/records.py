@@ -27,6 +27,7 @@ __all__ = [
     "write_json",
     "read_json",
     "replace_folder",
+    "write_file_atomically",
     "sha256_file",
     "sha256_text",
     "package_versions",
@@ -69,8 +70,17 @@ def write_json(path: str | os.PathLike, record: Any, *, sort_keys: bool = False)
     path = Path(path)
     text = json.dumps(jsonable(record), indent=2, sort_keys=sort_keys, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return write_file_atomically(path, lambda fh: fh.write((text + "\n").encode("utf-8")))
+
+
+def write_file_atomically(path: Path, write: Callable[[Any], Any]) -> Path:
+    """``write(fh)`` into a binary temporary file beside ``path``, then rename it to ``path``; the path.
+
+    Readers never see half a file: ``path`` holds the old content or the new, never a mix.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
+    with tmp.open("wb") as fh:
+        write(fh)
     os.replace(tmp, path)
     return path
 

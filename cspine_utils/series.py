@@ -367,13 +367,6 @@ def _box_arrays(study: Study, boxes: np.ndarray, z_new: np.ndarray, geometry, sp
     return cache.astype(np.float32), flags
 
 
-def _save_atomic(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as fh:
-        np.savez_compressed(fh, **arrays)
-    os.replace(tmp, path)
-
-
 def _cache_arrays(study: Study, mask: np.ndarray | None, task: dict) -> dict:
     """The npz arrays of one study (resampled along z first, then cropped and resized in-plane)."""
     s = task["settings"]
@@ -409,7 +402,7 @@ def _prepare_one(task: dict) -> dict:
     try:
         study = read_study(task["folder"])
         arrays = _cache_arrays(study, read_segmentation(task["mask"], study) if task["mask"] else None, task)
-        _save_atomic(folder / f"{uid}.npz", arrays)
+        records.write_file_atomically(folder / f"{uid}.npz", lambda fh: np.savez_compressed(fh, **arrays))
     except (SeriesError, dicom.DicomError) as exc:
         return {"study": uid, "ok": False, "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one broken study must not stop the batch
