@@ -548,12 +548,18 @@ def load_manifest(cache: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(cache / "manifest.csv", dtype={"StudyInstanceUID": str})
 
 
-def load_cached_study(cache: str | os.PathLike, uid: str) -> dict:
-    """The arrays of one prepared study (keys as in ``studies/<uid>.npz``; ``has_mask``/``has_boxes`` as bool)."""
+def load_cached_study(cache: str | os.PathLike, uid: str, keys=None) -> dict:
+    """The arrays of one prepared study (keys as in ``studies/<uid>.npz``; ``has_mask``/``has_boxes`` as bool).
+
+    ``keys`` (e.g. ``("vertebrae", "box_slices")``) reads only those arrays: the npz decompresses each
+    array on access, so labels come without decompressing the windowed slices.
+    """
     path = Path(cache) / "studies" / f"{uid}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: study {uid} is not in the cache")
     with np.load(path) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    arrays["has_mask"], arrays["has_boxes"] = bool(arrays["has_mask"]), bool(arrays["has_boxes"])
+        arrays = {k: npz[k] for k in (npz.files if keys is None else keys)}
+    for flag in ("has_mask", "has_boxes"):
+        if flag in arrays:
+            arrays[flag] = bool(arrays[flag])
     return arrays

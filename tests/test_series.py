@@ -225,6 +225,9 @@ def test_cache_matches_the_contract(rsna, cache):
             assert s["vertebrae"].any(axis=0).sum() >= 5  # most of C1..C7 appear on some slice
             bone = s["windows"][0][s["mask"] > 0].mean()
             assert bone > s["windows"][0][s["mask"] == 0].mean() + 40  # masks sit on bright bone
+        some = series.load_cached_study(out, uid, keys=("box_slices", "has_boxes"))  # only these arrays
+        assert set(some) == {"box_slices", "has_boxes"} and some["has_boxes"] is s["has_boxes"]
+        np.testing.assert_array_equal(some["box_slices"], s["box_slices"])
         study_boxes = boxes[boxes["StudyInstanceUID"] == uid]
         assert s["has_boxes"] == (len(study_boxes) > 0) and len(s["boxes"]) == len(study_boxes)
         if len(study_boxes):
