@@ -375,16 +375,20 @@ def _metrics_markdown(facts: dict) -> list[str]:
     return lines + _calibration_and_localisation(metrics)
 
 
+def _ci(entry: dict) -> str:
+    """A recorded interval (``value``, ``ci_low``, ``ci_high``) as "0.123 [0.100, 0.150]"."""
+    return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+
+
 def _calibration_and_localisation(metrics: dict) -> list[str]:
     """One line per model: ECE and Brier before/after calibration, and the chosen heatmap's pointing game."""
-    ci = lambda e: f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"  # noqa: E731
     lines = []
     for name, cal in (metrics.get("calibration") or {}).items():
         if {"before", "after"} <= set(cal):
             b, a = cal["before"], cal["after"]
             lines.append(
                 f"- **{name}** calibration (T = {cal['temperature']:.2f}, b = {cal['bias']:+.2f}, fitted on validation): "
-                f"test ECE {ci(b['ece'])} → {ci(a['ece'])}, Brier {ci(b['brier'])} → {ci(a['brier'])}"
+                f"test ECE {_ci(b['ece'])} → {_ci(a['ece'])}, Brier {_ci(b['brier'])} → {_ci(a['brier'])}"
             )
     lines += [
         f"- **{name}** heatmap chosen on validation: {text}"
@@ -410,13 +414,12 @@ def _studies_markdown(facts: dict) -> list[str]:
         "|" + "---|" * len(records[0]),
     ]
     lines += [_row(str(r.get(c, "")) for c in records[0]) for r in records] + [""]
-    ci = lambda e: f"{e['value']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"  # noqa: E731
     if {"study_auc", "minus_baseline"} <= set(targets):
         met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
         lines += [
-            f"Targets ({targets.get('aggregation')}, chosen on validation): study AUC {ci(targets['study_auc'])} "
+            f"Targets ({targets.get('aggregation')}, chosen on validation): study AUC {_ci(targets['study_auc'])} "
             f"(≥ 0.95: {met(targets.get('study_auc_met'))}); weighted log loss minus the prevalence-only baseline "
-            f"{ci(targets['minus_baseline'])} (CI below 0: {met(targets.get('log_loss_met'))}).",
+            f"{_ci(targets['minus_baseline'])} (CI below 0: {met(targets.get('log_loss_met'))}).",
             "",
         ]
     return lines
