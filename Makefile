@@ -55,11 +55,12 @@ test: $(STAMP) browser
 	@$(MAKE) --no-print-directory nbval
 
 # nbval runs every notebook in the smoke profile (artifacts in a temporary folder): each cell must
-# run, and the cells marked NBVAL_CHECK_OUTPUT must print exactly what the stored notebook shows.
+# run (within 10 minutes: a hung cell fails fast), and the cells marked NBVAL_CHECK_OUTPUT must print
+# exactly what the stored notebook shows.
 nbval: $(STAMP)
 	@tmp=$$(mktemp -d) && echo "nbval: notebooks/ in the smoke profile (artifacts in $$tmp)" && \
 	  CSPINE_PROFILE=smoke CSPINE_ARTIFACTS=$$tmp/artifacts CSPINE_REPORT_DIR=$$tmp/report \
-	  $(PY) -m pytest --nbval-lax -p no:cacheprovider notebooks/; status=$$?; rm -rf "$$tmp"; exit $$status
+	  $(PY) -m pytest --nbval-lax --nbval-cell-timeout=600 -p no:cacheprovider notebooks/; status=$$?; rm -rf "$$tmp"; exit $$status
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not e2e" $(PYTEST_ARGS)

@@ -253,15 +253,25 @@ def make_strategy(devices=None):
     """The tf.distribute strategy a training cell runs under.
 
     `devices` (e.g. ["/cpu:0", "/cpu:1"]): MirroredStrategy over them. Otherwise MirroredStrategy over all GPUs
-    when there are two or more (one model copy per GPU, gradients summed every step), else OneDeviceStrategy on
-    the one GPU or the CPU. Build and compile the model inside `strategy.scope()`.
+    when there are two or more (one model copy per GPU, gradients summed every step), else TensorFlow's default
+    strategy: no distribution, one device (the GPU when there is one, else the CPU), as a plain `fit` without a
+    strategy. Build and compile the model inside `strategy.scope()`.
     """
     if devices:
         return tf.distribute.MirroredStrategy(devices=list(devices))
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
+    if len(tf.config.list_logical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
-    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    return tf.distribute.get_strategy()
+
+
+def describe_strategy(strategy):
+    """One line for the log: the strategy's kind, its replicas and their devices."""
+    try:
+        devices = ", ".join(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy names no devices: TensorFlow places the ops itself
+        gpus = tf.config.list_logical_devices("GPU")
+        return f"default strategy (no distribution), 1 replica on {gpus[0].name if gpus else 'the CPU'}"
+    return f"{type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s) on {devices}"
 
 
 # notebooks/07_studies_2p5d.ipynb, cell 25

@@ -100,9 +100,12 @@ def test_make_strategy_chooses_by_the_gpus_present():
     if len(gpus) > 1:
         assert isinstance(strategy, tf.distribute.MirroredStrategy)
         assert strategy.num_replicas_in_sync == len(gpus)
-    else:  # this machine's case: one device, the GPU if there is one, else the CPU
-        assert isinstance(strategy, tf.distribute.OneDeviceStrategy) and strategy.num_replicas_in_sync == 1
-        assert ("GPU" if gpus else "CPU") in strategy.extended.worker_devices[0]
+        assert "MirroredStrategy" in course.describe_strategy(strategy)
+    else:  # this machine's case: TensorFlow's default strategy, one device (the GPU if there is one, else the CPU)
+        assert strategy is tf.distribute.get_strategy() and strategy.num_replicas_in_sync == 1
+        assert course.describe_strategy(strategy) == (
+            f"default strategy (no distribution), 1 replica on {gpus[0].name if gpus else 'the CPU'}"
+        )
 
 
 _MIRRORED = textwrap.dedent(
